@@ -402,4 +402,4 @@ def _restore(value: Any, inverse: torch.Tensor | None, num_virtual: int) -> Any:
         return tuple(_restore(v, inverse, num_virtual) for v in value)
     if inverse is not None:
         value = _take(value, inverse)
-    return value[:, num_virtual:]
+    return value[:, num_virtual:].contiguous()

@@ -1,0 +1,141 @@
+"""Forward of every decoder: aligned outputs, equality with a hand-made concatenation, padding invariance."""
+
+from __future__ import annotations
+
+import pytest
+import tiny
+import torch
+from peft import get_peft_model
+from torch.nn import functional as F
+
+from peft_softprompt_ext import SoftPromptConfig
+
+P = 4
+DECODERS = list(tiny.CAUSAL_LM)
+
+
+def make(arch: str, shared_prompt_kv: bool = True, **kw):
+    config = SoftPromptConfig(task_type="CAUSAL_LM", num_virtual_tokens=P, shared_prompt_kv=shared_prompt_kv, **kw)
+    return get_peft_model(tiny.causal_lm(arch), config).eval()
+
+
+def reference_logits(model, ids: torch.Tensor, position_offset: int = 0) -> torch.Tensor:
+    """Independent reference: prompt embeddings concatenated by hand, positions 0..P+L-1, prompt cut off."""
+    base = model.get_base_model()
+    prompt = model.prompt_embeddings().detach()
+    embeds = torch.cat([prompt.expand(ids.shape[0], -1, -1), base.get_input_embeddings()(ids)], dim=1)
+    positions = torch.arange(embeds.shape[1]).unsqueeze(0)
+    positions = torch.cat([positions[:, :P], positions[:, P:] + position_offset], dim=1)
+    return base(inputs_embeds=embeds, position_ids=positions).logits[:, P:]
+
+
+@pytest.mark.parametrize("shared", [True, False], ids=["prefix_kv", "concat"])
+@pytest.mark.parametrize("arch", DECODERS)
+def test_logits_aligned_and_equal_to_manual_concatenation(arch, shared):
+    model = make(arch, shared)
+    ids = tiny.random_ids(2, 7)
+    out = model(input_ids=ids, output_hidden_states=True)
+    assert out.logits.shape == (2, 7, tiny.VOCAB)
+    assert all(h.shape[1] == 7 for h in out.hidden_states)
+    torch.testing.assert_close(out.logits, reference_logits(model, ids), atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("arch", DECODERS)
+def test_loss_is_cross_entropy_of_returned_logits(arch):
+    for shared in (True, False):
+        model = make(arch, shared)
+        ids = tiny.random_ids(2, 6)
+        labels = ids.clone()
+        labels[0, :2] = -100
+        out = model(input_ids=ids, labels=labels)
+        expected = F.cross_entropy(out.logits[:, :-1].reshape(-1, tiny.VOCAB), labels[:, 1:].reshape(-1))
+        torch.testing.assert_close(out.loss, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("shared", [True, False], ids=["prefix_kv", "concat"])
+@pytest.mark.parametrize("arch", DECODERS)
+def test_padding_invariance(arch, shared):
+    model = make(arch, shared)
+    short, long = tiny.random_ids(1, 5)[0], tiny.random_ids(1, 9, seed=2)[0]
+    alone = model(input_ids=short[None]).logits[0]
+    ids, mask = tiny.left_pad([short, long])
+    torch.testing.assert_close(model(input_ids=ids, attention_mask=mask).logits[0, 4:], alone, atol=1e-4, rtol=0)
+    ids, mask = tiny.right_pad([short, long])
+    torch.testing.assert_close(model(input_ids=ids, attention_mask=mask).logits[0, :5], alone, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("arch", DECODERS)
+def test_user_position_ids_are_honoured(arch):
+    model = make(arch)
+    ids = tiny.random_ids(1, 6)
+    shifted = torch.arange(6).unsqueeze(0) + 3
+    out = model(input_ids=ids, position_ids=shifted).logits
+    torch.testing.assert_close(out, reference_logits(model, ids, position_offset=3), atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(out, model(input_ids=ids).logits, atol=1e-4)
+
+
+@pytest.mark.parametrize("arch", DECODERS)
+def test_inputs_embeds_equals_input_ids(arch):
+    model = make(arch)
+    ids = tiny.random_ids(2, 5)
+    embeds = model.get_base_model().get_input_embeddings()(ids)
+    torch.testing.assert_close(model(inputs_embeds=embeds).logits, model(input_ids=ids).logits, atol=1e-6, rtol=0)
+
+
+def _prompt_grad(model, ids) -> torch.Tensor:
+    model.train()
+    model.zero_grad()
+    model(input_ids=ids, labels=ids).loss.backward()
+    return model.prompt_encoder["default"].embedding.weight.grad.clone()
+
+
+@pytest.mark.parametrize("arch", DECODERS)
+def test_prefix_kv_gradients_equal_concatenation(arch):
+    ids = tiny.random_ids(3, 6)
+    grad_kv = _prompt_grad(make(arch, True), ids)
+    grad_cat = _prompt_grad(make(arch, False), ids)
+    torch.testing.assert_close(grad_kv, grad_cat, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_gradient_checkpointing_gives_same_prompt_gradients(arch):
+    ids = tiny.random_ids(2, 6)
+    plain = _prompt_grad(make(arch), ids)
+    model = make(arch)
+    model.get_base_model().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    torch.testing.assert_close(_prompt_grad(model, ids), plain, rtol=1e-5, atol=1e-7)
+
+
+def test_prefix_path_taken_for_decoders_and_fallback_for_checkpointing():
+    model = make("llama")
+    assert model._use_prefix_kv()
+    model.get_base_model().gradient_checkpointing_enable()
+    model.train()
+    assert not model._use_prefix_kv()
+    model.eval()
+    with torch.no_grad():
+        assert model._use_prefix_kv()
+
+
+def test_bf16_base_with_fp32_prompt_trains_and_generates():
+    base = tiny.causal_lm("llama").to(torch.bfloat16)
+    model = get_peft_model(base, SoftPromptConfig(task_type="CAUSAL_LM", num_virtual_tokens=P))
+    weight = model.prompt_encoder["default"].embedding.weight
+    assert weight.dtype == torch.float32
+    ids = tiny.random_ids(2, 6)
+    before = weight.detach().clone()
+    optimizer = torch.optim.AdamW([weight], lr=1e-2)
+    model.train()
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    optimizer.step()
+    assert torch.isfinite(loss) and not torch.equal(before, weight.detach())
+    model.eval()
+    out = model.generate(input_ids=ids, max_new_tokens=3, do_sample=False)
+    assert out.shape == (2, 9) and torch.equal(out[:, :6], ids)
+
+
+def test_input_too_long_for_absolute_positions_is_a_clear_error():
+    model = make("gpt2")  # 64 positions
+    with pytest.raises(ValueError, match="exceeds the model's 64 positions"):
+        model(input_ids=tiny.random_ids(1, 61))
