@@ -153,6 +153,19 @@ class SoftPromptModel(PeftModel):
         """The effective prompt of an adapter (default: the active one), [P, d], in the adapter's dtype."""
         return self.prompt_encoder[adapter_name or self.active_adapter]()
 
+    def decode_prompt(
+        self,
+        tokenizer: Any = None,
+        adapter_name: str | None = None,
+        metric: str = "cosine",
+        top_k: int = 5,
+        skip_special_tokens: bool = True,
+    ) -> Any:
+        """Nearest vocabulary tokens of each virtual token (a `decode.DecodedPrompt`); see `decode.py`."""
+        from .decode import decode_model_prompt
+
+        return decode_model_prompt(self, tokenizer, adapter_name, metric, top_k, skip_special_tokens)
+
     # ------------------------------------------------------------------ forward
 
     @property
