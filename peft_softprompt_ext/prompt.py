@@ -125,8 +125,16 @@ def special_token_ids(tokenizer: Any = None, model_config: Any = None) -> set[in
         ids.update(getattr(tokenizer, "all_special_ids", []) or [])
         ids.update(getattr(tokenizer, "added_tokens_decoder", {}) or {})
     if model_config is not None:
-        for name in ("bos_token_id", "eos_token_id", "pad_token_id", "unk_token_id", "decoder_start_token_id",
-                     "sep_token_id", "cls_token_id", "mask_token_id"):
+        for name in (
+            "bos_token_id",
+            "eos_token_id",
+            "pad_token_id",
+            "unk_token_id",
+            "decoder_start_token_id",
+            "sep_token_id",
+            "cls_token_id",
+            "mask_token_id",
+        ):
             value = getattr(model_config, name, None)
             ids.update(value if isinstance(value, Iterable) else ([value] if value is not None else []))
     return {int(i) for i in ids}
@@ -146,8 +154,11 @@ def _embedding_rows(weight: torch.Tensor, ids: list[int]) -> torch.Tensor:
 
 
 def text_ids(config: Any, tokenizer: Any, vocab_rows: int) -> list[int]:
-    ids = [i for i in tokenizer(config.init_text, add_special_tokens=False)["input_ids"]
-           if i not in special_token_ids(tokenizer)]
+    ids = [
+        i
+        for i in tokenizer(config.init_text, add_special_tokens=False)["input_ids"]
+        if i not in special_token_ids(tokenizer)
+    ]
     if not ids:
         raise ValueError(f"SoftPromptConfig.init_text {config.init_text!r} has no non-special tokens.")
     if max(ids) >= vocab_rows:

@@ -9,9 +9,12 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
 os.environ.setdefault("OMP_NUM_THREADS", "2")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no hub here: fail fast instead of retrying the network
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import tiny  # noqa: E402
 
 import peft_softprompt_ext  # noqa: E402,F401  (registers SOFT_PROMPT)
-import tiny  # noqa: E402
 
 WORDS = ["<pad>", "<s>", "</s>", "<unk>"] + [f"w{i}" for i in range(4, tiny.VOCAB)]
 

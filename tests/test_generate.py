@@ -83,7 +83,8 @@ def test_max_length_counts_only_real_tokens():
 def test_return_dict_in_generate_strips_placeholders():
     model = make("qwen2")
     ids = tiny.random_ids(1, 5)
-    out = model.generate(input_ids=ids, max_new_tokens=3, do_sample=False, return_dict_in_generate=True,
-                         output_scores=True)
+    out = model.generate(
+        input_ids=ids, max_new_tokens=3, do_sample=False, return_dict_in_generate=True, output_scores=True
+    )
     assert out.sequences.shape == (1, 8) and torch.equal(out.sequences[:, :5], ids)
     assert len(out.scores) == 3

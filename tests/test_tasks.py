@@ -57,8 +57,9 @@ def test_decoder_sequence_classification_concat_path_is_padding_invariant():
     model = wrap(tiny.build(cls, make_config, num_labels=2), "SEQ_CLS", shared_prompt_kv=False)
     short, long = tiny.random_ids(1, 4)[0], tiny.random_ids(1, 7, seed=2)[0]
     ids, mask = tiny.right_pad([short, long])
-    torch.testing.assert_close(model(input_ids=ids, attention_mask=mask).logits[:1],
-                               model(input_ids=short[None]).logits, atol=1e-4, rtol=0)
+    torch.testing.assert_close(
+        model(input_ids=ids, attention_mask=mask).logits[:1], model(input_ids=short[None]).logits, atol=1e-4, rtol=0
+    )
 
 
 def test_regression_loss_is_mse():

@@ -28,35 +28,117 @@ SPECIAL = {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}
 
 
 def llama_config(**kw):
-    return LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                       num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=128, **SPECIAL, **kw)
+    return LlamaConfig(
+        **{
+            **dict(
+                hidden_size=32,
+                intermediate_size=64,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                vocab_size=VOCAB,
+                max_position_embeddings=128,
+                **SPECIAL,
+            ),
+            **kw,
+        }
+    )
 
 
 def qwen2_config(**kw):
-    return Qwen2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                       num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=128, **SPECIAL, **kw)
+    return Qwen2Config(
+        **{
+            **dict(
+                hidden_size=32,
+                intermediate_size=64,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                vocab_size=VOCAB,
+                max_position_embeddings=128,
+                **SPECIAL,
+            ),
+            **kw,
+        }
+    )
 
 
 def gpt2_config(**kw):
-    return GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=VOCAB, n_positions=64, resid_pdrop=0.0,
-                      embd_pdrop=0.0, attn_pdrop=0.0, **SPECIAL, **kw)
+    return GPT2Config(
+        **{
+            **dict(
+                n_embd=32,
+                n_layer=2,
+                n_head=4,
+                vocab_size=VOCAB,
+                n_positions=64,
+                resid_pdrop=0.0,
+                embd_pdrop=0.0,
+                attn_pdrop=0.0,
+                **SPECIAL,
+            ),
+            **kw,
+        }
+    )
 
 
 def opt_config(**kw):
-    return OPTConfig(hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=VOCAB,
-                     max_position_embeddings=64, word_embed_proj_dim=32, dropout=0.0, attention_dropout=0.0,
-                     **SPECIAL, **kw)
+    return OPTConfig(
+        **{
+            **dict(
+                hidden_size=32,
+                ffn_dim=64,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                vocab_size=VOCAB,
+                max_position_embeddings=64,
+                word_embed_proj_dim=32,
+                dropout=0.0,
+                attention_dropout=0.0,
+                **SPECIAL,
+            ),
+            **kw,
+        }
+    )
 
 
 def bert_config(**kw):
-    return BertConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                      vocab_size=VOCAB, max_position_embeddings=64, pad_token_id=0,
-                      hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, **kw)
+    return BertConfig(
+        **{
+            **dict(
+                hidden_size=32,
+                intermediate_size=64,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                vocab_size=VOCAB,
+                max_position_embeddings=64,
+                pad_token_id=0,
+                hidden_dropout_prob=0.0,
+                attention_probs_dropout_prob=0.0,
+            ),
+            **kw,
+        }
+    )
 
 
 def t5_config(**kw):
-    return T5Config(d_model=32, d_ff=64, d_kv=8, num_layers=2, num_heads=4, vocab_size=VOCAB,
-                    decoder_start_token_id=0, pad_token_id=0, eos_token_id=1, dropout_rate=0.0, **kw)
+    return T5Config(
+        **{
+            **dict(
+                d_model=32,
+                d_ff=64,
+                d_kv=8,
+                num_layers=2,
+                num_heads=4,
+                vocab_size=VOCAB,
+                decoder_start_token_id=0,
+                pad_token_id=0,
+                eos_token_id=1,
+                dropout_rate=0.0,
+            ),
+            **kw,
+        }
+    )
 
 
 CAUSAL_LM = {
@@ -83,8 +165,11 @@ def causal_lm(arch: str = "llama", seed: int = 0, **kw):
 
 
 def bert(task: str, seed: int = 0, **kw):
-    cls = {"SEQ_CLS": BertForSequenceClassification, "TOKEN_CLS": BertForTokenClassification,
-           "FEATURE_EXTRACTION": BertModel}[task]
+    cls = {
+        "SEQ_CLS": BertForSequenceClassification,
+        "TOKEN_CLS": BertForTokenClassification,
+        "FEATURE_EXTRACTION": BertModel,
+    }[task]
     return build(cls, bert_config, seed, **kw)
 
 
@@ -102,8 +187,8 @@ def left_pad(rows: list[torch.Tensor], pad_id: int = 0) -> tuple[torch.Tensor, t
     ids = torch.full((len(rows), width), pad_id)
     mask = torch.zeros(len(rows), width, dtype=torch.long)
     for i, r in enumerate(rows):
-        ids[i, width - len(r):] = r
-        mask[i, width - len(r):] = 1
+        ids[i, width - len(r) :] = r
+        mask[i, width - len(r) :] = 1
     return ids, mask
 
 

@@ -1,0 +1,91 @@
+"""Registration with PEFT: our type, our classes through PEFT's entry points, and PEFT's own methods untouched."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import tiny
+from peft import PeftModel, PeftModelForCausalLM, PeftType, get_peft_model
+from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
+
+import peft_softprompt_ext
+from peft_softprompt_ext import SoftPromptConfig, SoftPromptModelForCausalLM, registry
+
+
+def test_import_registers_the_type():
+    assert PeftType.SOFT_PROMPT.value == "SOFT_PROMPT"
+    assert PEFT_TYPE_TO_CONFIG_MAPPING["SOFT_PROMPT"] is SoftPromptConfig
+    assert SoftPromptConfig(task_type="CAUSAL_LM", num_virtual_tokens=2).peft_type is PeftType.SOFT_PROMPT
+    peft_softprompt_ext.register()  # idempotent
+    assert list(PeftType).count(PeftType.SOFT_PROMPT) == 1
+
+
+def test_get_peft_model_returns_our_subclass_of_peft_task_class(capsys):
+    model = get_peft_model(tiny.causal_lm("llama"), SoftPromptConfig(task_type="CAUSAL_LM", num_virtual_tokens=5))
+    assert type(model) is SoftPromptModelForCausalLM
+    assert isinstance(model, PeftModelForCausalLM) and isinstance(model, PeftModel)
+    model.print_trainable_parameters()
+    assert "trainable params: 160 " in capsys.readouterr().out  # 5 x 32, the prompt only
+    direct = PeftModelForCausalLM(
+        tiny.causal_lm("llama"), SoftPromptConfig(task_type="CAUSAL_LM", num_virtual_tokens=2)
+    )
+    assert type(direct) is SoftPromptModelForCausalLM
+
+
+def test_saved_config_says_soft_prompt(tmp_path):
+    get_peft_model(
+        tiny.causal_lm("gpt2"), SoftPromptConfig(task_type="CAUSAL_LM", num_virtual_tokens=2)
+    ).save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["peft_type"] == "SOFT_PROMPT"
+
+
+LORA_SCRIPT = """
+import hashlib, sys, torch
+sys.path.insert(0, {tests!r})
+if {import_us}:
+    import peft_softprompt_ext
+import tiny
+from peft import LoraConfig, PeftModel, PromptTuningConfig, get_peft_model
+lora = get_peft_model(tiny.causal_lm("llama"), LoraConfig(task_type="CAUSAL_LM", r=4, target_modules=["q_proj", "v_proj"],
+                      init_lora_weights=False))
+ids = tiny.random_ids(2, 6)
+out = lora(input_ids=ids, labels=ids)
+out.loss.backward()
+lora.save_pretrained({out_dir!r} + "/lora")
+reloaded = PeftModel.from_pretrained(tiny.causal_lm("llama"), {out_dir!r} + "/lora")
+pt = get_peft_model(tiny.causal_lm("llama"), PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3))
+digest = hashlib.sha256()
+for t in (out.logits, out.loss, reloaded(input_ids=ids).logits, pt(input_ids=ids).logits):
+    digest.update(t.detach().numpy().tobytes())
+for n, p in sorted(lora.named_parameters()):
+    if p.grad is not None:
+        digest.update(n.encode()); digest.update(p.grad.numpy().tobytes())
+print(type(lora).__name__, type(reloaded).__name__, type(pt).__name__, digest.hexdigest())
+"""
+
+
+def test_peft_own_methods_behave_exactly_as_before(tmp_path):
+    """LoRA and PEFT's PromptTuning give bit-identical results with and without our import."""
+    outputs = []
+    for import_us in (False, True):
+        script = LORA_SCRIPT.format(
+            tests=os.path.dirname(__file__), import_us=import_us, out_dir=str(tmp_path / str(import_us))
+        )
+        result = subprocess.run(
+            [sys.executable, "-c", textwrap.dedent(script)], capture_output=True, text=True, timeout=300
+        )
+        assert result.returncode == 0, result.stderr[-3000:]
+        outputs.append(result.stdout.strip())
+    assert outputs[0] == outputs[1]
+    assert outputs[0].startswith("PeftModelForCausalLM PeftModelForCausalLM PeftModelForCausalLM")
+
+
+def test_missing_peft_internals_raise_a_clear_error(monkeypatch):
+    monkeypatch.setattr(registry, "_REQUIRED_INTERNALS", registry._REQUIRED_INTERNALS + ("peft.no_such_mapping",))
+    with pytest.raises(registry.PeftIncompatibleError, match=r"peft.no_such_mapping.*tested with peft"):
+        registry.check_peft_version()
