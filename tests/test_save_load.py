@@ -103,7 +103,7 @@ def test_auto_sequence_classification_reload_keeps_the_head(tmp_path):
     base = from_saved_base(tiny.build(cls, make_config, num_labels=3), tmp_path / "base")
     model = get_peft_model(base, SoftPromptConfig(task_type="SEQ_CLS", num_virtual_tokens=P))
     with torch.no_grad():
-        for name, param in model.named_parameters():
+        for param in model.parameters():
             if param.requires_grad:
                 param.add_(0.5)  # the head and prompt differ from the base's
     model.save_pretrained(tmp_path / "adapter")
