@@ -346,10 +346,20 @@ def _override_prompt(model: nn.Module, name: str, transform: Callable[[torch.Ten
     """Every prompt the adapter's encoder produces inside this block goes through `transform` (forward hook: the
     model's own forward, generate and prefix-KV paths all read the prompt through the encoder)."""
     handle = model.prompt_encoder[name].register_forward_hook(lambda module, args, output: transform(output))
+    _forget_compiled_prompt(model, name)
     try:
         yield
     finally:
         handle.remove()
+        _forget_compiled_prompt(model, name)
+
+
+def _forget_compiled_prompt(model: nn.Module, name: str) -> None:
+    """Drop the model's compiled inference cache of this prompt: it is keyed on the encoder's parameters, which an
+    override leaves untouched, so a cache built on one side of the override would be reused on the other."""
+    compiled = getattr(model, "_compiled", None)
+    if compiled is not None and hasattr(compiled, "discard"):
+        compiled.discard(name)
 
 
 @dataclass
