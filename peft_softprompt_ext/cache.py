@@ -8,7 +8,9 @@ through `cache_kwarg` / `output_cache` here, so the next rename is a one-line ch
 
 from __future__ import annotations
 
+import copy
 import inspect
+from collections import OrderedDict
 from typing import Any
 
 import torch
@@ -71,16 +73,95 @@ def input_positions(mask: torch.Tensor, offset: int, position_ids: torch.Tensor 
     return (mask.long().cumsum(-1) - 1).clamp_min(0) + offset
 
 
-def prompt_cache(model: nn.Module, prompts: torch.Tensor, batch_size: int) -> Any:
-    """KV cache of the prompt(s): `prompts` is [P, d] (shared, expanded to the batch) or [B, P, d] (one per row)."""
+def prompt_cache(model: nn.Module, prompt: torch.Tensor) -> Any:
+    """KV cache of one prompt [P, d], batch 1 (expand it with `for_batch`)."""
     backbone = backbone_of(model)
-    if prompts.dim() == 2:
-        prompts = prompts.unsqueeze(0)
-    num_virtual = prompts.shape[1]
-    positions = torch.arange(num_virtual, device=prompts.device).unsqueeze(0).expand(prompts.shape[0], -1)
+    positions = torch.arange(prompt.shape[0], device=prompt.device).unsqueeze(0)
     kwargs = {"position_ids": positions} if accepts(backbone, "position_ids") else {}
-    outputs = backbone(inputs_embeds=prompts, use_cache=True, return_dict=True, **kwargs)
-    cache = output_cache(outputs)
-    if prompts.shape[0] == 1 and batch_size > 1:
-        cache.batch_repeat_interleave(batch_size)
-    return cache
+    outputs = backbone(inputs_embeds=prompt.unsqueeze(0), use_cache=True, return_dict=True, **kwargs)
+    return output_cache(outputs)
+
+
+def _layers(cache: Any) -> list[Any]:
+    layers = getattr(cache, "layers", None)
+    if not layers or not all(hasattr(layer, "keys") and hasattr(layer, "values") for layer in layers):
+        raise TypeError(f"{type(cache).__name__} has no per-layer keys/values this plugin knows how to share.")
+    return layers
+
+
+def _shallow_copy(cache: Any) -> Any:
+    """A new cache object over the same tensors: updates reassign (`keys = cat(...)`), so the source stays intact
+    and a compiled prompt cache can be handed to many forwards."""
+    new = copy.copy(cache)
+    new.layers = [copy.copy(layer) for layer in _layers(cache)]
+    return new
+
+
+def for_batch(cache: Any, batch_size: int) -> Any:
+    """A copy of a batch-1 prompt cache expanded over `batch_size` rows."""
+    new = _shallow_copy(cache)
+    for layer in new.layers:
+        layer.keys = layer.keys.expand(batch_size, *layer.keys.shape[1:])
+        layer.values = layer.values.expand(batch_size, *layer.values.shape[1:])
+    return new
+
+
+def mixed_batch(caches: list[Any | None], rows: torch.Tensor) -> tuple[Any, torch.Tensor]:
+    """One cache for a batch whose rows use different prompts: `caches[u]` is prompt u's batch-1 cache (None: no
+    prompt), `rows[b]` the prompt of row b. Shorter prompts are left-padded with zero keys/values that the returned
+    [B, P_max] slot mask hides."""
+    template = next(c for c in caches if c is not None)
+    lengths = [0 if c is None else _layers(c)[0].keys.shape[-2] for c in caches]
+    width = max(lengths)
+    new = _shallow_copy(template)
+    for index, layer in enumerate(new.layers):
+        for name in ("keys", "values"):
+            like = getattr(_layers(template)[index], name)
+            padded = []
+            for cache, length in zip(caches, lengths):
+                pad = like.new_zeros(1, like.shape[1], width - length, like.shape[3])
+                parts = [pad] if cache is None else [pad, getattr(_layers(cache)[index], name)]
+                padded.append(torch.cat(parts, dim=-2))
+            setattr(layer, name, torch.cat(padded)[rows])
+    slots = torch.arange(width, device=rows.device).unsqueeze(0) >= (width - torch.tensor(lengths, device=rows.device))[
+        rows
+    ].unsqueeze(1)
+    return new, slots.long()
+
+
+class CompiledPrompts:
+    """Per-adapter prompt caches for inference, rebuilt whenever the prompt's parameters change (in-place
+    optimiser steps bump a tensor's version; reloads replace or copy into it). Bounded: least recently used first
+    out."""
+
+    def __init__(self, max_entries: int = 8) -> None:
+        self.max_entries = max_entries
+        self._entries: OrderedDict[str, tuple[tuple, Any]] = OrderedDict()
+
+    @staticmethod
+    def fingerprint(encoder: nn.Module, dtype: torch.dtype) -> tuple:
+        return (dtype,) + tuple((p.data_ptr(), p._version, p.device) for p in encoder.parameters())
+
+    def get(self, name: str, encoder: nn.Module, dtype: torch.dtype, build: Any) -> Any:
+        key = self.fingerprint(encoder, dtype)
+        entry = self._entries.get(name)
+        if entry is None or entry[0] != key:
+            with torch.no_grad():
+                entry = (key, build())
+            self._entries[name] = entry
+        self._entries.move_to_end(name)
+        while len(self._entries) > self.max_entries:
+            self._entries.popitem(last=False)
+        return entry[1]
+
+    def discard(self, name: str | None = None) -> None:
+        if name is None:
+            self._entries.clear()
+        else:
+            self._entries.pop(name, None)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._entries

@@ -29,6 +29,7 @@ from .prompt import ADAPTER_WEIGHTS_NAME, SoftPromptEncoder, initial_prompt
 logger = logging.getLogger(__name__)
 
 _resuming = contextvars.ContextVar("softprompt_resuming", default=False)
+BASE_ADAPTER = "__base__"  # in adapter_names: this row gets no prompt
 
 
 @contextlib.contextmanager
@@ -135,6 +136,7 @@ class SoftPromptModel(PeftModel):
     def load_adapter(self, model_id: str, adapter_name: str, is_trainable: bool = False, **kwargs: Any) -> Any:
         _require_safetensors(str(model_id), kwargs.get("subfolder"))
         is_trainable = is_trainable or _resuming.get()
+        self._compiled.discard(adapter_name)
         result = super().load_adapter(model_id, adapter_name, is_trainable=is_trainable, **kwargs)
         if is_trainable:
             self.make_trainable(adapter_name)
@@ -166,6 +168,72 @@ class SoftPromptModel(PeftModel):
 
         return decode_model_prompt(self, tokenizer, adapter_name, metric, top_k, skip_special_tokens)
 
+    # ------------------------------------------------------------------ which prompt for which row
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        super().delete_adapter(adapter_name)
+        self._compiled.discard(adapter_name)
+
+    def train(self, mode: bool = True) -> SoftPromptModel:
+        self._compiled.discard()  # training resumes: compiled caches would soon be stale, free them now
+        return super().train(mode)
+
+    @property
+    def _compiled(self) -> kv.CompiledPrompts:
+        if "_compiled_prompts" not in self.__dict__:
+            self.__dict__["_compiled_prompts"] = kv.CompiledPrompts()
+        return self.__dict__["_compiled_prompts"]
+
+    def _row_adapters(self, adapter_names: Sequence[str] | None, batch: int) -> tuple[list[str | None], torch.Tensor]:
+        """Distinct prompts of the batch (None: no prompt) and, per row, the index of its prompt."""
+        if adapter_names is None:
+            return [self.active_adapter], torch.zeros(batch, dtype=torch.long)
+        if isinstance(adapter_names, str) or len(adapter_names) != batch:
+            raise ValueError(
+                f"adapter_names must be a list with one name per row ({batch} rows), got {adapter_names!r}."
+            )
+        unknown = sorted({n for n in adapter_names if n != BASE_ADAPTER and n not in self.peft_config})
+        if unknown:
+            raise ValueError(
+                f"Unknown adapter name(s) {unknown} in adapter_names; loaded: {sorted(self.peft_config)} "
+                f"(or {BASE_ADAPTER!r} for no prompt)."
+            )
+        distinct = list(dict.fromkeys(adapter_names))
+        rows = torch.tensor([distinct.index(n) for n in adapter_names], dtype=torch.long)
+        return [None if n == BASE_ADAPTER else n for n in distinct], rows
+
+    def _needs_grad(self, name: str) -> bool:
+        return torch.is_grad_enabled() and any(p.requires_grad for p in self.prompt_encoder[name].parameters())
+
+    def _adapter_cache(self, name: str) -> Any:
+        """The prompt's batch-1 KV cache: compiled once for inference, recomputed (with grad) for training."""
+        build = lambda: kv.prompt_cache(self.base_model, self.prompt_embeddings(name).to(self._model_dtype))  # noqa: E731
+        if self._needs_grad(name) or self.base_model.training:
+            return build()
+        return self._compiled.get(name, self.prompt_encoder[name], self._model_dtype, build)
+
+    def _prefix_cache(self, names: list[str | None], rows: torch.Tensor) -> tuple[Any, torch.Tensor]:
+        """KV cache for the batch and its [B, P_max] slot mask (1 where a row has a virtual token)."""
+        if len(names) == 1:
+            cache = self._adapter_cache(names[0])
+            width = self.peft_config[names[0]].num_virtual_tokens
+            return kv.for_batch(cache, len(rows)), torch.ones(len(rows), width, dtype=torch.long)
+        cache, slots = kv.mixed_batch([None if n is None else self._adapter_cache(n) for n in names], rows)
+        return cache, slots
+
+    def _prompt_rows(self, names: list[str | None], rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prompt embeddings per row [B, P_max, d], left-padded with zeros, and the [B, P_max] slot mask."""
+        prompts = [None if n is None else self.prompt_embeddings(n).to(self._model_dtype) for n in names]
+        width = max(0 if p is None else p.shape[0] for p in prompts)
+        dim = self.word_embeddings.weight.shape[-1]
+        padded, slots = [], []
+        for prompt in prompts:
+            length = 0 if prompt is None else prompt.shape[0]
+            pad = self.word_embeddings.weight.new_zeros(width - length, dim)
+            padded.append(pad if prompt is None else torch.cat([pad, prompt]))
+            slots.append(torch.arange(width) >= width - length)
+        return torch.stack(padded)[rows], torch.stack(slots)[rows].long()
+
     # ------------------------------------------------------------------ forward
 
     @property
@@ -195,6 +263,7 @@ class SoftPromptModel(PeftModel):
         labels: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         return_dict: bool | None = None,
+        adapter_names: Sequence[str] | None = None,
         **kwargs: Any,
     ) -> Any:
         kwargs.pop("task_ids", None)
@@ -202,47 +271,61 @@ class SoftPromptModel(PeftModel):
         if reference is None:
             raise ValueError("Pass input_ids or inputs_embeds.")
         batch, length = reference.shape[:2]
-        mask = attention_mask if attention_mask is not None else torch.ones(batch, length, device=reference.device)
-        prompt = self.prompt_embeddings().to(self._model_dtype)
-        self._check_length(prompt.shape[0] + length)
+        mask = attention_mask
+        if mask is None:
+            mask = torch.ones(batch, length, dtype=torch.long, device=reference.device)
+        names, rows = self._row_adapters(adapter_names, batch)
+        if names == [None]:
+            return self.base_model(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                inputs_embeds=inputs_embeds,
+                labels=labels,
+                position_ids=position_ids,
+                return_dict=return_dict,
+                **kwargs,
+            )
+        self._check_length(max(self.peft_config[n].num_virtual_tokens for n in names if n) + length)
         run = self._forward_prefix if self._use_prefix_kv() else self._forward_concat
-        outputs = run(prompt, input_ids, inputs_embeds, mask, labels, position_ids, **kwargs)
+        outputs = run(names, rows.to(reference.device), input_ids, inputs_embeds, mask, labels, position_ids, **kwargs)
         return outputs if return_dict is not False else outputs.to_tuple()
 
-    def _forward_prefix(self, prompt, input_ids, inputs_embeds, mask, labels, position_ids, **kwargs) -> Any:
+    def _forward_prefix(self, names, rows, input_ids, inputs_embeds, mask, labels, position_ids, **kwargs) -> Any:
         """Decoder-only: the prompt lives in the KV cache; the model sees exactly the user's tokens."""
         base = self.base_model
-        num_virtual, batch = prompt.shape[0], mask.shape[0]
-        cache = kv.prompt_cache(base, prompt, batch)
+        cache, slots = self._prefix_cache(names, rows)
+        slots = slots.to(device=mask.device, dtype=mask.dtype)
         model_kwargs = {kv.cache_kwarg(base): cache}
         if kv.accepts(base, "position_ids"):
-            model_kwargs["position_ids"] = kv.input_positions(mask, num_virtual, position_ids)
-        full_mask = torch.cat([mask.new_ones(batch, num_virtual), mask], dim=1)
+            model_kwargs["position_ids"] = kv.input_positions(mask, slots.long().sum(1, keepdim=True), position_ids)
         kwargs.setdefault("use_cache", False)
         return base(
             input_ids=input_ids,
             inputs_embeds=inputs_embeds,
-            attention_mask=full_mask,
+            attention_mask=torch.cat([slots, mask], dim=1),
             labels=labels,
             return_dict=True,
             **model_kwargs,
             **kwargs,
         )
 
-    def _forward_concat(self, prompt, input_ids, inputs_embeds, mask, labels, position_ids, **kwargs) -> Any:
+    def _forward_concat(self, names, rows, input_ids, inputs_embeds, mask, labels, position_ids, **kwargs) -> Any:
         """Encoders, the seq2seq encoder and checkpointed decoders: prepend the prompt, then cut it from outputs."""
         base = self.base_model
-        num_virtual, batch = prompt.shape[0], mask.shape[0]
+        prompts, slots = self._prompt_rows(names, rows)
+        slots = slots.to(device=mask.device, dtype=mask.dtype)
+        batch, width = slots.shape
         embeds = inputs_embeds if inputs_embeds is not None else self.word_embeddings(input_ids)
-        seq = torch.cat([prompt.unsqueeze(0).expand(batch, -1, -1), embeds.to(prompt.dtype)], dim=1)
-        full_mask = torch.cat([mask.new_ones(batch, num_virtual), mask], dim=1)
+        seq = torch.cat([prompts, embeds.to(prompts.dtype)], dim=1)
+        full_mask = torch.cat([slots, mask], dim=1)
         extra: dict[str, torch.Tensor] = {}
         if kv.accepts(base, "position_ids") and not base.config.is_encoder_decoder:
-            prompt_pos = torch.arange(num_virtual, device=seq.device).expand(batch, -1)
-            extra["position_ids"] = torch.cat([prompt_pos, kv.input_positions(mask, num_virtual, position_ids)], 1)
+            prompt_pos = kv.input_positions(slots, 0)
+            text_pos = kv.input_positions(mask, slots.long().sum(1, keepdim=True), position_ids)
+            extra["position_ids"] = torch.cat([prompt_pos, text_pos], 1)
         token_type_ids = kwargs.pop("token_type_ids", None)
         if token_type_ids is not None:
-            extra["token_type_ids"] = torch.cat([token_type_ids.new_zeros(batch, num_virtual), token_type_ids], 1)
+            extra["token_type_ids"] = torch.cat([token_type_ids.new_zeros(batch, width), token_type_ids], 1)
         loss_kwargs = {k: kwargs.pop(k) for k in ("num_items_in_batch",) if k in kwargs}
         order = self._left_align_order(full_mask)
         if order is not None:
@@ -260,7 +343,7 @@ class SoftPromptModel(PeftModel):
         for key in self._token_level_keys:
             value = outputs.get(key)
             if value is not None:
-                outputs[key] = _restore(value, inverse, num_virtual)
+                outputs[key] = _restore(value, inverse, width)
         if labels is not None and self._loss_kind:
             outputs["loss"] = self._loss(outputs["logits"], labels, **loss_kwargs)
         return outputs
@@ -287,38 +370,37 @@ class SoftPromptModel(PeftModel):
 
     # ------------------------------------------------------------------ generation
 
-    def _generate_prefix(self, input_ids: torch.Tensor, mask: torch.Tensor, **kwargs: Any) -> Any:
+    def _generate_prefix(self, names, rows, input_ids: torch.Tensor, mask: torch.Tensor, **kwargs: Any) -> Any:
         """Generate with the prompt's KV as a pre-filled cache. Transformers takes the cached part to be a prefix of
-        input_ids, so P placeholder ids stand in for the virtual tokens and are cut from the result."""
+        input_ids, so placeholder ids stand in for the virtual tokens and are cut from the result."""
         base = self.base_model
-        prompt = self.prompt_embeddings().to(self._model_dtype)
-        num_virtual, batch = prompt.shape[0], input_ids.shape[0]
         with torch.no_grad():
-            cache = kv.prompt_cache(base, prompt, batch)
-        placeholder = input_ids.new_full((batch, num_virtual), _placeholder_id(base.config))
+            cache, slots = self._prefix_cache(names, rows)
+        slots = slots.to(device=mask.device, dtype=mask.dtype)
+        width = slots.shape[1]
+        placeholder = input_ids.new_full((input_ids.shape[0], width), _placeholder_id(base.config))
         if kwargs.get("max_length") is not None:
-            kwargs["max_length"] += num_virtual
+            kwargs["max_length"] += width
         out = base.generate(
             input_ids=torch.cat([placeholder, input_ids], dim=1),
-            attention_mask=torch.cat([mask.new_ones(batch, num_virtual), mask], dim=1),
+            attention_mask=torch.cat([slots, mask], dim=1),
             **{kv.cache_kwarg(base): cache},
             **kwargs,
         )
-        return _strip_prefix(out, num_virtual)
+        return _strip_prefix(out, width)
 
-    def _generate_concat(self, input_ids, inputs_embeds, mask, **kwargs: Any) -> Any:
+    def _generate_concat(self, names, rows, input_ids, inputs_embeds, mask, **kwargs: Any) -> Any:
         """Generate from prompt + input embeddings (no cache hand-over): the fallback for any generative model."""
         base = self.base_model
-        prompt = self.prompt_embeddings().to(self._model_dtype)
-        num_virtual = prompt.shape[0]
+        prompts, slots = self._prompt_rows(names, rows)
+        slots = slots.to(device=mask.device, dtype=mask.dtype)
+        width = slots.shape[1]
         embeds = inputs_embeds if inputs_embeds is not None else self.word_embeddings(input_ids)
         batch = embeds.shape[0]
-        seq = torch.cat([prompt.unsqueeze(0).expand(batch, -1, -1), embeds.to(prompt.dtype)], dim=1)
-        full_mask = torch.cat([mask.new_ones(batch, num_virtual), mask], dim=1)
+        seq = torch.cat([prompts, embeds.to(prompts.dtype)], dim=1)
         if kwargs.get("max_length") is not None and not base.config.is_encoder_decoder:
-            kwargs["max_length"] += num_virtual
-        with torch.no_grad() if not torch.is_grad_enabled() else contextlib.nullcontext():
-            out = base.generate(inputs_embeds=seq, attention_mask=full_mask, **kwargs)
+            kwargs["max_length"] += width
+        out = base.generate(inputs_embeds=seq, attention_mask=torch.cat([slots, mask], dim=1), **kwargs)
         if input_ids is None or base.config.is_encoder_decoder:
             return out
         # decoder-only generate from embeddings returns only the new tokens; give back input + new like the base
@@ -340,10 +422,16 @@ class SoftPromptModel(PeftModel):
         mask = kwargs.pop("attention_mask", None)
         if mask is None:
             mask = torch.ones(reference.shape[:2], dtype=torch.long, device=reference.device)
+        names, rows = self._row_adapters(kwargs.pop("adapter_names", None), reference.shape[0])
+        if names == [None]:
+            return self.base_model.generate(
+                input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=mask, **kwargs
+            )
+        rows = rows.to(reference.device)
         user_cache = any(kwargs.get(name) is not None for name in kv.CACHE_NAMES)
         if input_ids is not None and inputs_embeds is None and not user_cache and self._use_prefix_kv():
-            return self._generate_prefix(input_ids, mask, **kwargs)
-        return self._generate_concat(input_ids, inputs_embeds, mask, **kwargs)
+            return self._generate_prefix(names, rows, input_ids, mask, **kwargs)
+        return self._generate_concat(names, rows, input_ids, inputs_embeds, mask, **kwargs)
 
 
 class SoftPromptModelForCausalLM(SoftPromptModel, PeftModelForCausalLM):
