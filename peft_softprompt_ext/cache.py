@@ -118,7 +118,7 @@ def mixed_batch(caches: list[Any | None], rows: torch.Tensor) -> tuple[Any, torc
         for name in ("keys", "values"):
             like = getattr(_layers(template)[index], name)
             padded = []
-            for cache, length in zip(caches, lengths):
+            for cache, length in zip(caches, lengths, strict=True):
                 pad = like.new_zeros(1, like.shape[1], width - length, like.shape[3])
                 parts = [pad] if cache is None else [pad, getattr(_layers(cache)[index], name)]
                 padded.append(torch.cat(parts, dim=-2))
