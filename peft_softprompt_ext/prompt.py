@@ -54,8 +54,10 @@ class SoftPromptEncoder(BasePromptEncoder):
         return self.embedding.embedding_dim
 
     def forward(self) -> torch.Tensor:
-        """The effective prompt, [num_virtual_tokens, token_dim]."""
-        raw = self.embedding.weight
+        """The effective prompt, [num_virtual_tokens, token_dim]. Calls the embedding module (not `.weight`) so that
+        FSDP / ZeRO-3 pre-forward hooks gather it and post-backward hooks reduce its gradient."""
+        positions = torch.arange(self.num_virtual_tokens, device=self.embedding.weight.device)
+        raw = self.embedding(positions)
         return raw if self.residual is None else raw + self.residual(raw)
 
     def fold(self) -> None:
@@ -68,6 +70,10 @@ class SoftPromptEncoder(BasePromptEncoder):
     def adapter_state_dict(self) -> dict[str, torch.Tensor]:
         """What a checkpoint holds: the effective prompt, plus the raw parameters of a residual prompt."""
         with torch.no_grad():
+            if self.residual is None:  # read, don't forward: no collective on a rank that saves alone
+                from .integrations import local_prompt_weight
+
+                return {PROMPT_KEY: local_prompt_weight(self.embedding).clone()}
             state = {PROMPT_KEY: self().detach()}
             if self.residual is not None:
                 state[RAW_PREFIX + "raw_prompt"] = self.embedding.weight.detach()

@@ -1,0 +1,82 @@
+"""Shared by the worker scripts: tiny models, tokenizer and data, all built locally (no hub), and result files."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+from pathlib import Path
+
+import torch
+
+import peft_softprompt_ext  # noqa: F401  (registers SOFT_PROMPT)
+
+VOCAB = 96
+WORDS = ["<pad>", "<s>", "</s>", "<unk>"] + [f"w{i}" for i in range(4, VOCAB)]
+
+
+def pg_timeout() -> datetime.timedelta:
+    """Short, so a dead or hung peer turns into an error in seconds, not the default 30 minutes."""
+    return datetime.timedelta(seconds=int(os.environ.get("SOFTPROMPT_PG_TIMEOUT", "60")))
+
+
+def tiny_llama(seed: int = 0, hidden: int = 32, vocab: int = VOCAB):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=vocab, max_position_embeddings=128, pad_token_id=0, bos_token_id=1,
+        eos_token_id=2, tie_word_embeddings=False,
+    )  # fmt: skip
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(config).eval()
+
+
+def tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
+
+
+def soft_prompt_model(seed: int = 0, num_virtual_tokens: int = 4, **config_kwargs):
+    from peft import get_peft_model
+
+    from peft_softprompt_ext import SoftPromptConfig
+
+    config = SoftPromptConfig(task_type="CAUSAL_LM", num_virtual_tokens=num_virtual_tokens, **config_kwargs)
+    return get_peft_model(tiny_llama(seed), config)
+
+
+def global_batches(steps: int, rows: int, length: int = 12, seed: int = 1) -> list[torch.Tensor]:
+    """The same list of batches on every rank; rank r trains on its slice of each (different data per rank).
+    Tokens follow a learnable pattern (each row counts up from a random start) so losses fall."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(steps):
+        start = torch.randint(4, VOCAB, (rows, 1), generator=g)
+        out.append((start + torch.arange(length)) % (VOCAB - 4) + 4)
+    return out
+
+
+def prompt_of(model) -> torch.Tensor:
+    from peft_softprompt_ext.integrations import unwrap_soft_prompt_model
+
+    inner = unwrap_soft_prompt_model(model)
+    return inner.prompt_encoder[inner.active_adapter].embedding.weight.detach().float().cpu().clone()
+
+
+def write_result(out: str, rank: int, **data) -> None:
+    """Written atomically so the test never reads half a file from a rank that died."""
+    path = Path(out) / f"rank{rank}.json"
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data))
+    os.replace(tmp, path)
+
+
+def tensor_list(t: torch.Tensor) -> list:
+    return t.tolist()
