@@ -69,7 +69,7 @@ def decode_command(args: argparse.Namespace) -> int:
     base = args.base or config.get("base_model_name_or_path")
     if not base:
         raise SystemExit("decode: the adapter config names no base model; pass --base MODEL.")
-    model = AutoModel.from_pretrained(base)
+    model = AutoModel.from_pretrained(base, dtype="auto")  # the checkpoint's dtype: no float32 copy of a big model
     embeddings = model.get_input_embeddings()
     rows = embeddings.weight.shape[0]
     if config.get("vocab_size") not in (None, rows):

@@ -397,7 +397,7 @@ def projected_prompt(
     def project(soft: torch.Tensor) -> torch.Tensor:
         ids, _ = nearest_tokens(soft, embeddings, metric, 1, exclude, limit)
         state.token_ids = ids[:, 0].tolist()
-        with torch.no_grad():
+        with torch.no_grad(), _gathered(embeddings):
             hard = _lookup(embeddings, ids[:, 0]).to(device=soft.device, dtype=soft.dtype)
         return _StraightThrough.apply(soft, hard)
 

@@ -324,3 +324,23 @@ def test_projected_training_lowers_the_loss_and_ends_on_a_real_hard_prompt():
     assert soft_loss != pytest.approx(projected_loss, abs=1e-6)
     with pytest.raises(ValueError, match="valid metrics"), projected_prompt(model, "hamming"):
         pass
+
+
+def test_evaluate_decoding_on_a_classifier_scores_the_class_logits(tokenizer):
+    from transformers import LlamaForSequenceClassification
+
+    base = tiny.build(LlamaForSequenceClassification, tiny.llama_config, num_labels=3)
+    config = SoftPromptConfig(task_type="SEQ_CLS", num_virtual_tokens=3, init="text", init_text="w5 w6 w7",
+                              tokenizer=tokenizer)
+    model = get_peft_model(base, config).eval()
+    with torch.no_grad():
+        model.prompt_encoder["default"].embedding.weight.add_(0.05)
+    x = tiny.random_ids(3, 5)
+    report = evaluate_decoding(model, [(row, 1) for row in x], metrics=("l2",))
+    hard = report["l2"].token_ids
+    with torch.no_grad():
+        soft = model(input_ids=x).logits.log_softmax(-1)
+        ref = base(input_ids=torch.cat([torch.tensor([hard] * 3), x], 1)).logits.log_softmax(-1)
+    assert report["soft"].score == pytest.approx(float((soft.argmax(-1) == 1).float().mean()))
+    assert report["l2"].score == pytest.approx(float((ref.argmax(-1) == 1).float().mean()))
+    assert report["l2"].kl == pytest.approx(float((soft.exp() * (soft - ref)).sum(-1).mean()), abs=1e-5)

@@ -115,6 +115,26 @@ def test_export_to_peft_loads_in_plain_peft_with_the_same_logits(base_dir, token
     torch.testing.assert_close(theirs[:, P:], logits(model, ids), atol=1e-5, rtol=1e-5)
 
 
+def test_export_sequence_classifier_keeps_its_head(tokenizer, tmp_path):
+    from transformers import LlamaForSequenceClassification
+
+    def classifier():
+        return tiny.build(LlamaForSequenceClassification, tiny.llama_config, num_labels=3)
+
+    config = SoftPromptConfig(task_type="SEQ_CLS", num_virtual_tokens=P, init="text", init_text=TEXT,
+                              tokenizer=tokenizer)
+    model = get_peft_model(classifier(), config)
+    with torch.no_grad():
+        model.base_model.score.modules_to_save["default"].weight.normal_()
+    export_peft_prompt_tuning(model, tmp_path / "peft")
+    assert sorted(load_file(tmp_path / "peft" / "adapter_model.safetensors")) == [
+        "base_model.score.weight", "prompt_embeddings"]
+    theirs = PeftModel.from_pretrained(classifier(), tmp_path / "peft")
+    assert type(theirs).__name__ == "PeftModelForSequenceClassification"
+    ids = tiny.random_ids(2, 5)
+    torch.testing.assert_close(logits(theirs.eval(), ids), logits(model.eval(), ids), atol=1e-5, rtol=1e-5)
+
+
 def test_import_from_peft_prompt_tuning(base_dir, tmp_path):
     theirs = get_peft_model(load_base(base_dir), PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=P))
     with torch.no_grad():
