@@ -72,6 +72,15 @@ class SoftPromptConfig(PromptLearningConfig):
         _require_positive_int("num_virtual_tokens", self.num_virtual_tokens)
         if self.init not in INIT_METHODS:
             raise ValueError(f"SoftPromptConfig.init must be one of {INIT_METHODS}, got {self.init!r}.")
+        _require_positive_int("init_vocab_top_k", self.init_vocab_top_k, allow_none=True)
+        if self.reparameterization not in REPARAMETERIZATIONS:
+            raise ValueError(
+                f"SoftPromptConfig.reparameterization must be one of {REPARAMETERIZATIONS}, "
+                f"got {self.reparameterization!r}."
+            )
+        _require_positive_int("residual_hidden_size", self.residual_hidden_size)
+        if self.inference_mode:
+            return  # a loaded adapter is not initialised again: its init inputs need not be at hand
         if self.init == "text":
             if not self.init_text:
                 raise ValueError("SoftPromptConfig.init_text must be a non-empty string when init='text'.")
@@ -82,13 +91,6 @@ class SoftPromptConfig(PromptLearningConfig):
                 )
         if self.init == "pretrained" and not self.init_from:
             raise ValueError("SoftPromptConfig.init_from must name an adapter directory when init='pretrained'.")
-        _require_positive_int("init_vocab_top_k", self.init_vocab_top_k, allow_none=True)
-        if self.reparameterization not in REPARAMETERIZATIONS:
-            raise ValueError(
-                f"SoftPromptConfig.reparameterization must be one of {REPARAMETERIZATIONS}, "
-                f"got {self.reparameterization!r}."
-            )
-        _require_positive_int("residual_hidden_size", self.residual_hidden_size)
 
     def to_dict(self) -> dict:
         """Like PEFT's, but the tokenizer object is replaced by its name (it can't go into JSON)."""

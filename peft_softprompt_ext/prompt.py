@@ -154,9 +154,11 @@ def load_tokenizer(name_or_path: str, tokenizer_kwargs: dict | None = None) -> A
     return AutoTokenizer.from_pretrained(name_or_path, **kwargs)
 
 
-def _embedding_rows(weight: torch.Tensor, ids: list[int]) -> torch.Tensor:
-    with gather_params_ctx(weight):
-        return weight[torch.tensor(ids, device=weight.device)].detach().float().cpu().clone()
+def _embedding_rows(embeddings: nn.Module, ids: list[int]) -> torch.Tensor:
+    """Through the module, not raw rows: some models scale their embeddings (Gemma), and the prompt must live
+    in the space the model actually feeds its layers."""
+    with gather_params_ctx(embeddings.weight), torch.no_grad():
+        return embeddings(torch.tensor(ids, device=embeddings.weight.device)).float().cpu().clone()
 
 
 def text_ids(config: Any, tokenizer: Any, vocab_rows: int) -> list[int]:
@@ -189,16 +191,18 @@ def vocab_ids(config: Any, vocab_rows: int, excluded: set[int]) -> list[int]:
     return candidates[picks].tolist()
 
 
-def matched_random(weight: torch.Tensor, n: int, seed: int, chunk_rows: int = 16384) -> torch.Tensor:
-    """N(mean, std) per dimension of the embedding table, computed in chunks (no float copy of the table)."""
-    with gather_params_ctx(weight):
+def matched_random(embeddings: nn.Module, n: int, seed: int, chunk_rows: int = 16384) -> torch.Tensor:
+    """N(mean, std) per dimension of the embedded vocabulary, computed in chunks (no float copy of the table)."""
+    weight = embeddings.weight
+    with gather_params_ctx(weight), torch.no_grad():
+        count = weight.shape[0]
         total = torch.zeros(weight.shape[1], dtype=torch.float64)
         total_sq = torch.zeros_like(total)
-        for start in range(0, weight.shape[0], chunk_rows):
-            rows = weight[start : start + chunk_rows].detach().to("cpu", torch.float64)
+        for start in range(0, count, chunk_rows):
+            ids = torch.arange(start, min(start + chunk_rows, count), device=weight.device)
+            rows = embeddings(ids).to("cpu", torch.float64)
             total += rows.sum(0)
             total_sq += (rows * rows).sum(0)
-        count = weight.shape[0]
     mean = total / count
     std = (total_sq / count - mean * mean).clamp_min(0).sqrt()
     generator = torch.Generator().manual_seed(seed)
@@ -224,14 +228,14 @@ def initial_prompt(config: Any, word_embeddings: nn.Embedding, model_config: Any
     n, dim = config.num_virtual_tokens, config.token_dim
     if config.init == "text":
         tokenizer = config.tokenizer or load_tokenizer(config.tokenizer_name_or_path, config.tokenizer_kwargs)
-        return _embedding_rows(weight, text_ids(config, tokenizer, rows))
+        return _embedding_rows(word_embeddings, text_ids(config, tokenizer, rows))
     if config.init == "vocab":
         tokenizer = config.tokenizer
         if tokenizer is None and config.tokenizer_name_or_path:
             tokenizer = load_tokenizer(config.tokenizer_name_or_path, config.tokenizer_kwargs)
-        return _embedding_rows(weight, vocab_ids(config, rows, special_token_ids(tokenizer, model_config)))
+        return _embedding_rows(word_embeddings, vocab_ids(config, rows, special_token_ids(tokenizer, model_config)))
     if config.init == "random":
-        return matched_random(weight, n, config.init_seed)
+        return matched_random(word_embeddings, n, config.init_seed)
     saved = read_saved_prompt(config.init_from)
     if saved.shape[1] != dim:
         raise ValueError(

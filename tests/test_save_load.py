@@ -202,3 +202,13 @@ def test_saved_prompt_shape_mismatch_is_an_error(tmp_path):
     save_file({"prompt_embeddings": torch.zeros(P + 1, 32)}, tmp_path / "adapter_model.safetensors")
     with pytest.raises(ValueError, match=r"shape \(5, 32\).*expects \(4, 32\)"):
         PeftModel.from_pretrained(tiny.causal_lm("llama"), tmp_path)
+
+
+def test_text_init_with_in_memory_tokenizer_reloads(tmp_path, tokenizer):
+    config = SoftPromptConfig(
+        task_type="CAUSAL_LM", num_virtual_tokens=2, init="text", init_text="w5 w6", tokenizer=tokenizer
+    )
+    model = get_peft_model(tiny.causal_lm("llama"), config)
+    model.save_pretrained(tmp_path)
+    reloaded = PeftModel.from_pretrained(tiny.causal_lm("llama"), tmp_path)
+    torch.testing.assert_close(reloaded.prompt_embeddings(), model.prompt_embeddings())
