@@ -91,6 +91,7 @@ def atomic_build(target: Path, build: Callable[[Path], None]) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
         build(tmp)
+        os.chmod(tmp, 0o755)  # mkdtemp makes it 0700; a shared cache must stay readable by others
         try:
             os.replace(tmp, target)
             logger.info("Wrote %s", target)
