@@ -62,6 +62,13 @@ def _require_safetensors(model_id: str, subfolder: str | None) -> None:
         )
 
 
+def _parameters_sharded(model: nn.Module) -> bool:
+    """FSDP / ZeRO-3 free layer weights after forward: the shared prompt KV would reach them again in backward."""
+    from .integrations import parameters_are_sharded
+
+    return parameters_are_sharded(model)
+
+
 class SoftPromptModel(PeftModel):
     """The soft-prompt machinery shared by every task class (PEFT's own ``PeftModel`` API otherwise)."""
 
@@ -132,6 +139,15 @@ class SoftPromptModel(PeftModel):
         self.set_requires_grad(name, True)
         if name == self.active_adapter:
             self.set_adapter(name)
+
+    def save_pretrained(self, save_directory: str, *args: Any, **kwargs: Any) -> None:
+        """PEFT's, except that under FSDP with no `state_dict` given the prompt is read locally: PEFT would call
+        `self.state_dict()`, a collective that hangs when only rank 0 saves (integrations.local_adapter_state_dict)."""
+        if kwargs.get("state_dict") is None:
+            from .integrations import local_adapter_state_dict
+
+            kwargs["state_dict"] = local_adapter_state_dict(self)
+        return super().save_pretrained(save_directory, *args, **kwargs)
 
     def load_adapter(self, model_id: str, adapter_name: str, is_trainable: bool = False, **kwargs: Any) -> Any:
         _require_safetensors(str(model_id), kwargs.get("subfolder"))
@@ -245,6 +261,7 @@ class SoftPromptModel(PeftModel):
             self.active_peft_config.shared_prompt_kv
             and kv.supports_prefix_kv(self.base_model)
             and not kv.gradient_checkpointing_active(self.base_model)
+            and not _parameters_sharded(self.base_model)
         )
 
     def _check_length(self, total: int) -> None:
@@ -374,9 +391,15 @@ class SoftPromptModel(PeftModel):
         """Generate with the prompt's KV as a pre-filled cache. Transformers takes the cached part to be a prefix of
         input_ids, so placeholder ids stand in for the virtual tokens and are cut from the result."""
         base = self.base_model
+        # generate repeats each row for beams / returned sequences but leaves a cache handed to it as it is
+        config = kwargs.get("generation_config") or base.generation_config
+        expand = max(
+            kwargs.get("num_beams") or config.num_beams or 1,
+            kwargs.get("num_return_sequences") or config.num_return_sequences or 1,
+        )
         with torch.no_grad():
-            cache, slots = self._prefix_cache(names, rows)
-        slots = slots.to(device=mask.device, dtype=mask.dtype)
+            cache, slots = self._prefix_cache(names, rows.repeat_interleave(expand))
+        slots = slots[::expand].to(device=mask.device, dtype=mask.dtype)
         width = slots.shape[1]
         placeholder = input_ids.new_full((input_ids.shape[0], width), _placeholder_id(base.config))
         if kwargs.get("max_length") is not None:

@@ -88,3 +88,12 @@ def test_return_dict_in_generate_strips_placeholders():
     )
     assert out.sequences.shape == (1, 8) and torch.equal(out.sequences[:, :5], ids)
     assert len(out.scores) == 3
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_beam_search_and_several_sequences_match_the_concatenation_path(arch):
+    ids, mask = tiny.left_pad([tiny.random_ids(1, 4)[0], tiny.random_ids(1, 6, seed=3)[0]])
+    kwargs = {"max_new_tokens": 4, "num_beams": 3, "num_return_sequences": 2, "do_sample": False}
+    out = make(arch, True).generate(input_ids=ids, attention_mask=mask, **kwargs)
+    assert out.shape == (4, 10)
+    assert torch.equal(out, make(arch, False).generate(input_ids=ids, attention_mask=mask, **kwargs))
