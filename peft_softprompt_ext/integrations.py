@@ -41,6 +41,8 @@ __all__ = [
     "gathered_params",
     "last_complete_checkpoint",
     "local_prompt_weight",
+    "local_adapter_state_dict",
+    "parameters_are_sharded",
     "save_adapter",
     "unwrap_soft_prompt_model",
 ]
@@ -169,6 +171,49 @@ def _is_main_process() -> bool:
 
 
 # --------------------------------------------------------------------------- saving
+
+
+def parameters_are_sharded(model: nn.Module) -> bool:
+    """Whether FSDP (1 or 2) or ZeRO-3 manages parameters inside `model`. Those free a layer's weights after its
+    forward and fetch them again from hooks on its outputs in backward, so a layer must not be reached through a
+    side channel (the shared prompt KV cache is one): the model then uses the concatenated forward."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return any(_is_fsdp1_unit(m) or isinstance(m, FSDPModule) for m in model.modules()) or any(
+        _is_zero3_param(p) for p in model.parameters()
+    )
+
+
+def local_adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor] | None:
+    """An adapter state dict read without collectives when FSDP (1 or 2) manages `model`, else None.
+
+    Why: PEFT's `save_pretrained` calls `model.state_dict()` when no state dict is given; under FSDP1 every
+    state-dict type (FULL, SHARDED, even LOCAL: ShardedTensor metadata) runs a collective, so a rank-0-only save
+    hangs, and under FSDP2 it returns DTensors safetensors can't write. `local_prompt_weight` needs no collective
+    (and raises PromptShardedError when the prompt is sharded). Other trainable modules (a classification head)
+    or a residual prompt under FSDP must be saved on every rank (`save_adapter`)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    from .model import SoftPromptModel
+
+    if not isinstance(model, SoftPromptModel) or not any(
+        _is_fsdp1_unit(m) or isinstance(m, FSDPModule) for m in model.modules()
+    ):
+        return None
+    if any(getattr(model, "modules_to_save", None) or ()):
+        raise PromptShardedError(
+            "Under FSDP a soft prompt with modules_to_save (e.g. a classification head) can't be saved by one rank "
+            "alone: call peft_softprompt_ext.integrations.save_adapter on every rank, or the Trainer's save."
+        )
+    state: dict[str, torch.Tensor] = {}
+    for name, encoder in model.prompt_encoder.items():
+        if encoder.residual is not None:
+            raise PromptShardedError(
+                "Under FSDP a residual soft prompt can't be saved by one rank alone: fold() it first or save on "
+                "every rank."
+            )
+        state[f"prompt_encoder.{name}.embedding.weight"] = local_prompt_weight(encoder.embedding).clone()
+    return state
 
 
 def _fsync_dir(path: str) -> None:

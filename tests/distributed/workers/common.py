@@ -80,3 +80,15 @@ def write_result(out: str, rank: int, **data) -> None:
 
 def tensor_list(t: torch.Tensor) -> list:
     return t.tolist()
+
+
+def train_reference(steps: int, rows: int, lr: float = 3e-2, **model_kwargs) -> torch.Tensor:
+    """One plain process trained on the whole of every global batch: what any N-rank run must reproduce."""
+    model = soft_prompt_model(**model_kwargs)
+    model.train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
+    for ids in global_batches(steps, rows):
+        model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    return prompt_of(model)
