@@ -1,0 +1,469 @@
+"""The training loop behind ``softprompt train``: load a causal LM, evaluate, tune a soft prompt, evaluate, save.
+
+Kept apart from the CLI so it can be called (and tested) without argparse. Two kinds of task:
+
+- the built-in example task (WordNet noun supersenses, `data.supersense_splits`): 26 one-word classes, scored by
+  *label ranking*: the class whose first token gets the highest next-token logit wins (one forward per example).
+  The hard-prompt baseline is the zero-shot model given an instruction that names every class; the soft prompt
+  *replaces* that instruction, so the comparison is "hand-written instruction vs learned prompt".
+- user data (JSONL with ``input``/``output``): scored by *exact match* of the greedy continuation (whitespace
+  stripped) and by mean answer loss. The optional instruction is part of the input both before and after.
+
+Training minimises the causal LM loss on the answer tokens only (followed by the EOS token so that generation
+stops). Examples are drawn without replacement, reshuffled each epoch, from a seeded RNG.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import platform
+import random
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+from . import data
+from .data import Example
+
+logger = logging.getLogger(__name__)
+
+BUILTIN_TASK = "supersense"
+TRAINING_INFO_NAME = "training_info.json"
+BUILTIN_INIT_TEXT = (
+    "Classify the noun into its WordNet category, such as animal, artifact or person:"
+)
+DEFAULT_INIT_TEXT = "Read the input and reply with the expected output:"
+
+
+@dataclass
+class TrainSettings:
+    """Everything ``softprompt train`` can set; the defaults are the zero-argument demo."""
+
+    out: str
+    model: str | None = None  # None: the bundled SmolLM2-135M-Instruct
+    data: str | None = None  # None: the built-in supersense task
+    eval_data: str | None = None
+    instruction: str | None = None
+    num_tokens: int = 20
+    init: str = "text"
+    init_text: str | None = None
+    lr: float = 0.08
+    steps: int = 40
+    batch_size: int = 8
+    eval_size: int = 100
+    max_input_tokens: int = 64
+    seed: int = 0
+    device: str = "auto"
+    overwrite: bool = False
+    progress: bool = True
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first out-of-range option (before any model is loaded)."""
+        for name in ("num_tokens", "steps", "batch_size", "eval_size", "max_input_tokens"):
+            value = getattr(self, name)
+            if value <= 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be > 0, got {value}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ValueError(f"--lr must be a positive number, got {self.lr}")
+        if self.eval_data and not self.data:
+            raise ValueError("--eval-data needs --data (the built-in task has its own held-out split)")
+
+
+@dataclass
+class Task:
+    """Training and held-out examples plus how to prompt and score them."""
+
+    name: str
+    train: list[Example]
+    eval: list[Example]
+    instruction: str | None  # in the input while training, at eval of the soft prompt and in `generate`
+    baseline_instruction: str | None  # in the input of the zero-shot hard-prompt baseline
+    labels: tuple[str, ...] | None  # set: score by label ranking; None: exact match of greedy generation
+    init_text: str
+
+
+@dataclass
+class EvalResult:
+    """One evaluation: accuracy (label ranking or exact match) and mean answer loss where computed."""
+
+    metric: str
+    accuracy: float
+    n: int
+    loss: float | None = None
+    prompt_tokens: int | None = None  # tokens of (hard) instruction or virtual tokens each request carries
+
+
+@dataclass
+class TrainResult:
+    """What a run produced: where the adapter went and the before/after numbers."""
+
+    adapter_dir: str
+    task: str
+    before: EvalResult
+    after: EvalResult
+    train_seconds: float
+    losses: list[float] = field(default_factory=list)
+
+
+# --------------------------------------------------------------------------- data
+
+
+def builtin_task(seed: int, n_train: int, n_eval: int) -> Task:
+    """WordNet noun supersenses: held-out examples carved first, so they don't move with the step count."""
+    splits = data.supersense_splits(seed=seed, n_train=n_train, n_dev=0, n_test=n_eval)
+    return Task(
+        name=BUILTIN_TASK,
+        train=splits["train"],
+        eval=splits["test"],
+        instruction=None,
+        baseline_instruction=data.supersense_instruction(),
+        labels=data.SUPERSENSE_LABELS,
+        init_text=BUILTIN_INIT_TEXT,
+    )
+
+
+def jsonl_task(path: str, eval_path: str | None, instruction: str | None, eval_size: int, seed: int) -> Task:
+    """User data; without ``eval_path`` up to ``eval_size`` examples (at most a fifth) are held out."""
+    examples = data.load_jsonl(path)
+    if eval_path:
+        train, held_out = examples, data.load_jsonl(eval_path)
+    else:
+        if len(examples) < 2:
+            raise ValueError(f"{path}: need at least 2 examples to hold some out for evaluation (or pass --eval-data)")
+        shuffled = examples[:]
+        random.Random(seed).shuffle(shuffled)
+        n_eval = max(1, min(eval_size, len(shuffled) // 5))
+        held_out, train = shuffled[:n_eval], shuffled[n_eval:]
+    return Task(
+        name=os.path.basename(path),
+        train=train,
+        eval=held_out[:eval_size],
+        instruction=instruction,
+        baseline_instruction=instruction,
+        labels=None,
+        init_text=instruction or DEFAULT_INIT_TEXT,
+    )
+
+
+def prompt_ids(tokenizer: Any, text: str, instruction: str | None, max_input_tokens: int) -> list[int]:
+    """Token ids of the formatted request; an over-long input is cut (from its end) before formatting."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if len(ids) > max_input_tokens:
+        text = tokenizer.decode(ids[:max_input_tokens])
+    formatted = data.format_example(tokenizer, text, instruction)
+    return tokenizer(formatted, add_special_tokens=False)["input_ids"]
+
+
+def target_ids(tokenizer: Any, output: str) -> list[int]:
+    """The answer's ids followed by EOS, so a tuned prompt also teaches the model where to stop."""
+    ids = tokenizer(output, add_special_tokens=False)["input_ids"]
+    return ids + ([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else [])
+
+
+def left_pad(rows: Sequence[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded ids and mask: the last position is every row's last real token (the soft prompt model is
+    padding invariant, so pads cost only compute)."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, width - len(row) :] = torch.tensor(row, dtype=torch.long)
+        mask[i, width - len(row) :] = 1
+    return ids.to(device), mask.to(device)
+
+
+def training_batches(n: int, batch_size: int, seed: int) -> Iterator[list[int]]:
+    """Endless seeded batches of example indices, each epoch a fresh permutation."""
+    rng = random.Random(seed)
+    order: list[int] = []
+    while True:
+        batch = []
+        while len(batch) < batch_size:
+            if not order:
+                order = list(range(n))
+                rng.shuffle(order)
+            batch.append(order.pop())
+        yield batch
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+def _chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def _common_prefix(rows: Sequence[list[int]]) -> int:
+    """Length of the longest shared prefix, leaving every row at least one token of its own."""
+    n = min(len(r) for r in rows) - 1
+    first = rows[0]
+    for i in range(max(n, 0)):
+        if any(r[i] != first[i] for r in rows):
+            return i
+    return max(n, 0)
+
+
+@torch.no_grad()
+def _last_logits(model: Any, rows: list[list[int]], pad_id: int, batch_size: int, progress: bool) -> torch.Tensor:
+    """Next-token logits after each row. A prefix shared by every row (a hard instruction, the chat template's
+    system turn) is run once and its KV cache reused for all batches, the way the soft prompt's is."""
+    from tqdm.auto import tqdm
+
+    from . import cache as kv
+
+    device = next(model.parameters()).device
+    base = getattr(model, "base_model", model) if hasattr(model, "peft_config") else model
+    use_prefix = not hasattr(model, "peft_config") and kv.supports_prefix_kv(model)
+    shared = _common_prefix(rows) if use_prefix else 0
+    prefix_cache = None
+    if shared:
+        embeds = model.get_input_embeddings()(torch.tensor(rows[0][:shared], device=device))
+        prefix_cache = kv.prompt_cache(base, embeds)
+    out = []
+    for chunk in tqdm(list(_chunks(rows, batch_size)), desc="eval", leave=False, disable=not progress):
+        ids, mask = left_pad([r[shared:] for r in chunk], pad_id, device)
+        if prefix_cache is None:
+            logits = model(input_ids=ids, attention_mask=mask).logits
+        else:
+            full_mask = torch.cat([mask.new_ones(len(chunk), shared), mask], dim=1)
+            logits = base(
+                input_ids=ids,
+                attention_mask=full_mask,
+                position_ids=kv.input_positions(mask, shared),
+                **{kv.cache_kwarg(base): kv.for_batch(prefix_cache, len(chunk))},
+                use_cache=True,
+            ).logits
+        out.append(logits[:, -1].float().cpu())
+    return torch.cat(out)
+
+
+def evaluate_ranking(
+    model: Any, tokenizer: Any, examples: Sequence[Example], instruction: str | None, labels: tuple[str, ...],
+    batch_size: int, max_input_tokens: int, progress: bool = False,
+) -> EvalResult:  # fmt: skip
+    """Accuracy of picking the label whose first token scores highest right after the request."""
+    label_ids = data.label_token_ids(tokenizer, labels, prefix="")
+    rows = [prompt_ids(tokenizer, ex.input, instruction, max_input_tokens) for ex in examples]
+    logits = _last_logits(model, rows, tokenizer.pad_token_id, batch_size, progress)
+    scores = logits[:, label_ids]
+    gold = torch.tensor([labels.index(ex.output) for ex in examples])
+    loss = torch.nn.functional.cross_entropy(logits, torch.tensor(label_ids)[gold]).item()
+    accuracy = (scores.argmax(-1) == gold).float().mean().item()
+    return EvalResult("label-ranking accuracy", accuracy, len(examples), loss)
+
+
+@torch.no_grad()
+def evaluate_generation(
+    model: Any, tokenizer: Any, examples: Sequence[Example], instruction: str | None,
+    batch_size: int, max_input_tokens: int, progress: bool = False,
+) -> EvalResult:  # fmt: skip
+    """Exact match (stripped) of greedy generation, plus mean answer loss (teacher forced)."""
+    from tqdm.auto import tqdm
+
+    device = next(model.parameters()).device
+    pad = tokenizer.pad_token_id
+    hits, losses = 0, []
+    for chunk in tqdm(list(_chunks(examples, batch_size)), desc="eval", leave=False, disable=not progress):
+        rows = [prompt_ids(tokenizer, ex.input, instruction, max_input_tokens) for ex in chunk]
+        targets = [target_ids(tokenizer, ex.output) for ex in chunk]
+        ids, mask = left_pad(rows, pad, device)
+        new = max(len(t) for t in targets) + 2
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new, do_sample=False, pad_token_id=pad)
+        texts = tokenizer.batch_decode(out[:, ids.shape[1] :], skip_special_tokens=True)
+        hits += sum(text.strip() == ex.output.strip() for text, ex in zip(texts, chunk, strict=True))
+        ids, mask, labels = _lm_batch(rows, targets, pad, device)
+        losses.append(model(input_ids=ids, attention_mask=mask, labels=labels).loss.item())
+    return EvalResult("exact-match accuracy", hits / len(examples), len(examples), sum(losses) / len(losses))
+
+
+def _lm_batch(
+    prompts: Sequence[list[int]], targets: Sequence[list[int]], pad_id: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Left-padded prompt+answer rows with labels on the answer tokens only."""
+    rows = [p + t for p, t in zip(prompts, targets, strict=True)]
+    ids, mask = left_pad(rows, pad_id, device)
+    labels = torch.full_like(ids, -100)
+    for i, t in enumerate(targets):
+        labels[i, ids.shape[1] - len(t) :] = torch.tensor(t, device=device)
+    return ids, mask, labels
+
+
+def evaluate(model: Any, tokenizer: Any, task: Task, instruction: str | None, settings: TrainSettings) -> EvalResult:
+    if task.labels is not None:
+        return evaluate_ranking(
+            model, tokenizer, task.eval, instruction, task.labels, 16, settings.max_input_tokens, settings.progress
+        )
+    return evaluate_generation(
+        model, tokenizer, task.eval, instruction, 8, settings.max_input_tokens, settings.progress
+    )
+
+
+# --------------------------------------------------------------------------- model
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError as err:
+        raise ValueError(f"--device: {err}") from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: CUDA is not available on this machine")
+    return resolved
+
+
+def looks_like_path(name: str) -> bool:
+    """A hub id is ``name`` or ``org/name``; anything else (or anything that exists) is a local path."""
+    return os.path.exists(name) or name.startswith((".", "/", "~")) or name.count("/") > 1 or os.sep + os.sep in name
+
+
+def resolve_model(name: str | None) -> str:
+    """The bundled SmolLM2 folder for None, else ``name`` after checking that a local path exists."""
+    if name is None:
+        from .bundled import smollm2_path
+
+        return smollm2_path()
+    expanded = os.path.expanduser(name)
+    if looks_like_path(name) and not os.path.isdir(expanded):
+        raise FileNotFoundError(f"model path not found: {name}")
+    return expanded
+
+
+def load_model(name: str | None, device: torch.device) -> tuple[Any, Any, str]:
+    """(model in eval mode, tokenizer with a pad token, resolved name). Offline errors become one-line ones."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = resolve_model(name)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        dtype = torch.float32 if device.type == "cpu" else "auto"
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    except OSError as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise FileNotFoundError(f"could not load model {name!r}: {first}") from err
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model.to(device).eval()
+    return model, tokenizer, path
+
+
+def versions() -> dict[str, str]:
+    """Library versions recorded next to a saved adapter, so `softprompt info` can tell what made it."""
+    import accelerate
+    import peft
+    import transformers
+
+    from . import __version__
+
+    return {
+        "peft_softprompt_ext": __version__,
+        "peft": peft.__version__,
+        "transformers": transformers.__version__,
+        "torch": torch.__version__,
+        "accelerate": accelerate.__version__,
+        "python": platform.python_version(),
+    }
+
+
+# --------------------------------------------------------------------------- training
+
+
+def build_task(settings: TrainSettings) -> Task:
+    if settings.data:
+        return jsonl_task(settings.data, settings.eval_data, settings.instruction, settings.eval_size, settings.seed)
+    return builtin_task(settings.seed, settings.steps * settings.batch_size, settings.eval_size)
+
+
+def train(settings: TrainSettings, log: Any = print) -> TrainResult:
+    """Run a whole ``softprompt train``; ``log`` receives the human-readable lines (the CLI passes ``print``).
+
+    Nothing is written until training has finished: the adapter goes to a hidden sibling directory that is renamed
+    into place, so an interrupted run (Ctrl-C) leaves no half-written adapter.
+    """
+    from peft import get_peft_model
+    from tqdm.auto import tqdm
+
+    from .config import SoftPromptConfig
+    from .export import atomic_output_dir
+
+    settings.validate()
+    device = resolve_device(settings.device)
+    task = build_task(settings)  # data errors surface before the (slower) model load
+    model, tokenizer, model_path = load_model(settings.model, device)
+    log(f"model: {model_path} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, {device})")
+    log(f"task: {task.name}: {len(task.train)} training examples, {len(task.eval)} held out")
+
+    torch.manual_seed(settings.seed)
+    before = evaluate(model, tokenizer, task, task.baseline_instruction, settings)
+    if task.baseline_instruction:
+        before.prompt_tokens = len(tokenizer(task.baseline_instruction, add_special_tokens=False)["input_ids"])
+
+    init_text = settings.init_text or task.init_text
+    config = SoftPromptConfig(
+        task_type="CAUSAL_LM",
+        num_virtual_tokens=settings.num_tokens,
+        init=settings.init,
+        init_text=init_text if settings.init == "text" else None,
+        tokenizer_name_or_path=model_path,
+        init_seed=settings.seed,
+    )
+    peft_model = get_peft_model(model, config)
+    params = [p for p in peft_model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: min(1.0, (step + 1) / max(1, settings.steps // 10))
+    )
+    prompts = [prompt_ids(tokenizer, ex.input, task.instruction, settings.max_input_tokens) for ex in task.train]
+    targets = [target_ids(tokenizer, ex.output) for ex in task.train]
+    batches = training_batches(len(task.train), settings.batch_size, settings.seed)
+
+    peft_model.train()
+    losses: list[float] = []
+    start = time.perf_counter()
+    bar = tqdm(range(settings.steps), desc="train", disable=not settings.progress)
+    for _ in bar:
+        index = next(batches)
+        ids, mask, labels = _lm_batch([prompts[i] for i in index], [targets[i] for i in index],
+                                      tokenizer.pad_token_id, device)  # fmt: skip
+        loss = peft_model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+        bar.set_postfix(loss=f"{losses[-1]:.3f}")
+    bar.close()
+    train_seconds = time.perf_counter() - start
+    peft_model.eval()
+
+    after = evaluate(peft_model, tokenizer, task, task.instruction, settings)
+    after.prompt_tokens = settings.num_tokens
+
+    info = {
+        "versions": versions(),
+        "task": task.name,
+        "instruction": task.instruction,
+        "base_model": model_path,
+        "settings": {k: v for k, v in asdict(settings).items() if k not in ("progress", "overwrite")},
+        "before": asdict(before),
+        "after": asdict(after),
+        "train_seconds": round(train_seconds, 2),
+        "final_loss": losses[-1] if losses else None,
+    }
+    with atomic_output_dir(settings.out, overwrite=settings.overwrite) as tmp:
+        peft_model.save_pretrained(tmp)
+        with open(os.path.join(tmp, TRAINING_INFO_NAME), "w", encoding="utf-8") as f:
+            json.dump(info, f, indent=2)
+            f.write("\n")
+    out = os.path.abspath(settings.out)
+    logger.info("Saved adapter to %s", out)
+    return TrainResult(out, task.name, before, after, train_seconds, losses)

@@ -1,0 +1,190 @@
+"""The `softprompt` command: train / info / generate / decode / export on a tiny model, one-line errors for bad input,
+Ctrl-C leaves no half-written adapter, and (slow) the zero-argument demo path on the bundled SmolLM2."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import tiny
+from conftest import make_tokenizer
+
+from peft_softprompt_ext import cli
+
+TINY_ARGS = ["--init", "vocab", "--steps", "2", "--batch-size", "2", "--no-progress", "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny-llama")
+    tiny.causal_lm("llama").save_pretrained(path)
+    make_tokenizer().save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def jsonl(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "task.jsonl"
+    rows = [{"input": f"w{4 + i % 20} w{30 + i % 7}", "output": f"w{50 + i % 3}"} for i in range(12)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_model_dir, jsonl, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("runs") / "adapter")
+    assert cli.main(["train", "--model", tiny_model_dir, "--data", jsonl, "--out", out, *TINY_ARGS]) == 0
+    return out
+
+
+def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
+    code = cli.main(list(argv))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_train_saves_adapter_and_reports(tiny_model_dir, jsonl, tmp_path, capsys):
+    out = tmp_path / "a"
+    code, stdout, _ = run_cli(capsys, "train", "--model", tiny_model_dir, "--data", jsonl, "--out", str(out),
+                              "--num-tokens", "3", *TINY_ARGS)  # fmt: skip
+    assert code == 0
+    assert {"adapter_config.json", "adapter_model.safetensors", "training_info.json"} <= set(os.listdir(out))
+    assert "exact-match accuracy" in stdout and "before" in stdout and "after" in stdout
+    assert f"saved adapter to {out}" in stdout
+    info = json.loads((out / "training_info.json").read_text())
+    assert info["versions"]["peft"] and info["versions"]["transformers"] and info["versions"]["torch"]
+    assert info["settings"]["steps"] == 2 and len(info["before"]) and info["after"]["n"] >= 1
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(".")]  # no leftover temp dirs
+
+
+def test_info(trained, capsys):
+    code, stdout, _ = run_cli(capsys, "info", trained)
+    assert code == 0
+    assert "SOFT_PROMPT" in stdout and "num_virtual_tokens: 20" in stdout and "saved with:" in stdout
+    code, stdout, _ = run_cli(capsys, "info", trained, "--json")
+    info = json.loads(stdout)
+    assert info["num_virtual_tokens"] == 20 and info["token_dim"] == 32 and info["init"] == "vocab"
+    assert info["saved_with"]["peft_softprompt_ext"] and "adapter_model.safetensors" in info["files"]
+
+
+def test_generate_single_and_mixed(trained, tiny_model_dir, capsys):
+    code, stdout, _ = run_cli(capsys, "generate", "--adapter", trained, "--max-new-tokens", "3", "w5 w6", "w7")
+    assert code == 0 and len(stdout.splitlines()) == 2
+    code, stdout, _ = run_cli(
+        capsys, "generate", "--adapter", f"a={trained}", "--adapter", f"b={trained}", "--base", tiny_model_dir,
+        "--max-new-tokens", "3", "w5 w6", "@b w7", "@base w8",
+    )  # fmt: skip
+    lines = stdout.splitlines()
+    assert code == 0 and [line.split("]")[0] for line in lines] == ["[a", "[b", "[b", "[base"]
+    assert lines[0].split("] ")[1:] == lines[1].split("] ")[1:]  # same prompt, same input: same greedy output
+
+
+def test_decode_and_export_are_mounted(trained, tmp_path, capsys):
+    code, stdout, _ = run_cli(capsys, "decode", trained, "--top-k", "2", "--json")
+    assert code == 0 and len(json.loads(stdout)["top1_ids"] if "top1_ids" in stdout else stdout) > 0
+    code, stdout, _ = run_cli(capsys, "export", trained, "--to", "embeds", str(tmp_path / "e"))
+    assert code == 0 and os.path.isdir(tmp_path / "e")
+
+
+@pytest.mark.parametrize(
+    "case, extra, message",
+    [
+        ("missing data", ["--data", "MISSING.jsonl"], "not found"),
+        ("malformed", ["--data", "BAD"], ":2: malformed JSON"),
+        ("empty", ["--data", "EMPTY"], "empty dataset"),
+        ("bad model", ["--model", "./no/such/model"], "model path not found"),
+        ("steps", ["--steps", "0"], "--steps must be > 0"),
+        ("lr", ["--lr", "0"], "--lr must be a positive number"),
+        ("tokens", ["--num-tokens", "-1"], "--num-tokens must be > 0"),
+    ],
+)
+def test_bad_input_one_line(case, extra, message, tiny_model_dir, jsonl, tmp_path, capsys):
+    files = {"MISSING.jsonl": tmp_path / "missing.jsonl", "BAD": tmp_path / "bad.jsonl", "EMPTY": tmp_path / "e.jsonl"}
+    files["BAD"].write_text('{"input": "w5", "output": "w6"}\n{"input": oops}\n')
+    files["EMPTY"].write_text("\n")
+    extra = [str(files.get(a, a)) for a in extra]  # argparse keeps the last of a repeated option
+    argv = ["train", "--out", str(tmp_path / "out"), "--model", tiny_model_dir, "--data", jsonl, *TINY_ARGS, *extra]
+    code, stdout, stderr = run_cli(capsys, *argv)
+    assert code == 1, (case, stdout, stderr)
+    assert len(stderr.strip().splitlines()) == 1 and message in stderr and "Traceback" not in stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_other_bad_input(trained, tmp_path, capsys):
+    code, _, err = run_cli(capsys, "info", str(tmp_path / "nope"))
+    assert code == 1 and "not found" in err and len(err.splitlines()) == 1
+    code, _, err = run_cli(capsys, "generate", "--adapter", trained, "@zzz hi")
+    assert code == 1 and "unknown adapter @zzz" in err
+    code, _, err = run_cli(capsys, "train", "--out", trained, "--steps", "1")  # non-empty output dir
+    assert code == 1 and "--overwrite" in err
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["train", "--out", "x", "--steps", "many"])
+    assert exit_.value.code == 2 and len(capsys.readouterr().err.splitlines()) == 1
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def test_debug_shows_traceback(tmp_path):
+    argv = [sys.executable, "-m", "peft_softprompt_ext.cli", "train", "--out", str(tmp_path / "o")]
+    plain = subprocess.run([*argv, "--data", str(tmp_path / "missing.jsonl")], capture_output=True, text=True,
+                           env=_env(), timeout=300)  # fmt: skip
+    assert plain.returncode == 1 and "Traceback" not in plain.stderr
+    assert plain.stderr.strip().splitlines()[-1].startswith("softprompt train: error: JSONL data file not found")
+    debug = subprocess.run([*argv, "--data", str(tmp_path / "missing.jsonl"), "--debug"], capture_output=True,
+                           text=True, env=_env(), timeout=300)  # fmt: skip
+    assert debug.returncode == 1 and "Traceback" in debug.stderr and "FileNotFoundError" in debug.stderr
+
+
+def test_ctrl_c_leaves_no_adapter(tiny_model_dir, jsonl, tmp_path):
+    out = tmp_path / "runs" / "adapter"
+    stderr_path = tmp_path / "stderr.txt"
+    argv = [sys.executable, "-m", "peft_softprompt_ext.cli", "train", "--model", tiny_model_dir, "--data", jsonl,
+            "--out", str(out), "--init", "vocab", "--steps", "1000000", "--device", "cpu"]  # fmt: skip
+    with open(stderr_path, "w") as err:
+        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=err, text=True, env=_env())
+        try:
+            deadline = time.monotonic() + 240
+            while "train:" not in stderr_path.read_text():  # the training progress bar is up
+                assert proc.poll() is None, stderr_path.read_text()
+                assert time.monotonic() < deadline, "training never started"
+                time.sleep(0.2)
+            time.sleep(0.5)
+            proc.send_signal(signal.SIGINT)
+            proc.communicate(timeout=60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    message = stderr_path.read_text()
+    assert proc.returncode == 130, message
+    assert "interrupted: no adapter was written" in message and "Traceback" not in message
+    assert not out.exists()
+    assert os.listdir(out.parent) == [] if out.parent.exists() else True  # no hidden half-written temp dir
+
+
+@pytest.mark.slow
+def test_real_model_builtin_task(tmp_path, capsys):
+    """The zero-argument path (bundled SmolLM2 + WordNet task), shrunk to 2 steps; then generate and info on it."""
+    pytest.importorskip("peft_softprompt_ext.bundled").smollm2_gguf_path()
+    from peft_softprompt_ext import data
+
+    if not os.path.isfile(data.WORDNET_NOUN_PATH):
+        pytest.skip("WordNet not installed (apt-get install wordnet-base)")
+    out = tmp_path / "demo"
+    code, stdout, _ = run_cli(capsys, "train", "--out", str(out), "--steps", "2", "--batch-size", "2",
+                              "--eval-size", "6", "--no-progress")  # fmt: skip
+    assert code == 0, stdout
+    assert "label-ranking accuracy on 6 held-out examples" in stdout
+    assert "hand-written instruction" in stdout and "soft prompt (20 virtual tokens, 2 steps)" in stdout
+    code, stdout, _ = run_cli(capsys, "generate", "--adapter", f"wn={out}", "--adapter", f"wn2={out}",
+                              "--max-new-tokens", "4", "@wn dog: a domestic canine", "@base What is 2+2?")  # fmt: skip
+    lines = stdout.splitlines()
+    assert code == 0 and lines[0].startswith("[wn] ") and lines[1].startswith("[base] ")
+    code, stdout, _ = run_cli(capsys, "info", str(out))
+    assert code == 0 and "SmolLM2-135M-Instruct" in stdout and "label-ranking accuracy: before" in stdout
