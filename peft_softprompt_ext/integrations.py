@@ -16,7 +16,6 @@ Checkpoints are written atomically (`atomic_save_pretrained`): a crash mid-save 
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
 import logging
 import os
@@ -433,18 +432,21 @@ def _nearest_tokens(prompt: torch.Tensor, table: torch.Tensor, chunk_rows: int =
 def decoded_prompt_tokens(model: nn.Module, tokenizer: Any = None, adapter_name: str | None = None) -> dict:
     """Top-1 nearest tokens (cosine) of each virtual token: ``{"token_ids": [...], "tokens": [...], "text": str}``.
 
-    A collective under ZeRO-3 / sharded FSDP (the prompt and embedding table are gathered): call on every rank.
-    Uses the model's own `decode_prompt` when it has one, so the callback and the CLI agree."""
+    Uses the model's own `decode_prompt` (so the callback and the CLI agree), except under FSDP, where the prompt
+    is gathered with `gather_prompt_weight` and decoded here. A collective under ZeRO-3 / FSDP: call on every rank.
+    """
     inner = unwrap_soft_prompt_model(model)
     name = adapter_name or inner.active_adapter
     decode = getattr(inner, "decode_prompt", None)
-    if decode is not None and tokenizer is not None and not _any_partitioned(inner):
-        result = decode(tokenizer, adapter_name=name, top_k=1)
-        ids = [int(row[0]) if isinstance(row, list | tuple) else int(row) for row in _first_ids(result)]
+    fsdp = any(_is_fsdp1_unit(m) for m in inner.modules()) or any(
+        _dtensor_is_sharded(p) is not None for p in inner.parameters()
+    )
+    if decode is not None and not fsdp:
+        ids = [int(i) for i in decode(tokenizer, adapter_name=name, metric="cosine", top_k=1).top1_ids]
     else:
         prompt = gather_prompt_weight(model, name)
         encoder = inner.prompt_encoder[name]
-        if getattr(encoder, "residual", None) is not None and not _is_fsdp1_unit(encoder.embedding):
+        if getattr(encoder, "residual", None) is not None and not fsdp:
             with torch.no_grad():
                 prompt = encoder().detach().float().cpu()
         table = inner.word_embeddings.weight
@@ -453,22 +455,6 @@ def decoded_prompt_tokens(model: nn.Module, tokenizer: Any = None, adapter_name:
     tokens = tokenizer.convert_ids_to_tokens(ids) if tokenizer is not None else [str(i) for i in ids]
     text = tokenizer.decode(ids) if tokenizer is not None else " ".join(tokens)
     return {"token_ids": ids, "tokens": tokens, "text": text}
-
-
-def _any_partitioned(model: nn.Module) -> bool:
-    return any(_is_zero3_param(p) or _dtensor_is_sharded(p) for p in model.parameters()) or any(
-        _is_fsdp1_unit(m) for m in model.modules()
-    )
-
-
-def _first_ids(result: Any) -> list:
-    ids = getattr(result, "token_ids", None)
-    if ids is None and isinstance(result, dict):
-        ids = result.get("token_ids")
-    if ids is None:
-        raise TypeError(f"decode_prompt returned {type(result).__name__} without token_ids.")
-    ids = ids.tolist() if isinstance(ids, torch.Tensor) else list(ids)
-    return [row[0] if isinstance(row, list | tuple) and row else row for row in ids]
 
 
 class DecodedPromptCallback(TrainerCallback):
@@ -519,8 +505,3 @@ class DecodedPromptCallback(TrainerCallback):
 
     def on_train_end(self, args: Any, state: Any, control: Any, model: nn.Module | None = None, **kwargs: Any) -> None:
         self._record(args, state, model, kwargs.get("processing_class"))
-
-
-@functools.cache
-def _warn_once(message: str) -> None:
-    logger.warning(message)

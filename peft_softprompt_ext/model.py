@@ -143,6 +143,8 @@ class SoftPromptModel(PeftModel):
     def save_pretrained(self, save_directory: str, *args: Any, **kwargs: Any) -> None:
         """PEFT's, except that under FSDP with no `state_dict` given the prompt is read locally: PEFT would call
         `self.state_dict()`, a collective that hangs when only rank 0 saves (integrations.local_adapter_state_dict)."""
+        if not kwargs.get("is_main_process", True):
+            return None  # PEFT writes nothing here; reading a sharded prompt on this rank could only fail
         if kwargs.get("state_dict") is None:
             from .integrations import local_adapter_state_dict
 

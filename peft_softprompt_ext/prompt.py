@@ -10,7 +10,6 @@ from typing import Any
 
 import torch
 from peft.tuners.tuners_utils import BasePromptEncoder
-from peft.utils.integrations import gather_params_ctx
 from torch import nn
 
 logger = logging.getLogger(__name__)
@@ -154,10 +153,18 @@ def load_tokenizer(name_or_path: str, tokenizer_kwargs: dict | None = None) -> A
     return AutoTokenizer.from_pretrained(name_or_path, **kwargs)
 
 
+def _gathered(weight: torch.Tensor) -> Any:
+    """Gather a ZeRO-3 partitioned table for reading. Looks at the parameter itself, not transformers' global
+    ZeRO-3 flag (PEFT's gather_params_ctx), which raw `deepspeed.zero.Init` users never set."""
+    from .integrations import gathered_params
+
+    return gathered_params([weight])
+
+
 def _embedding_rows(embeddings: nn.Module, ids: list[int]) -> torch.Tensor:
     """Through the module, not raw rows: some models scale their embeddings (Gemma), and the prompt must live
     in the space the model actually feeds its layers."""
-    with gather_params_ctx(embeddings.weight), torch.no_grad():
+    with _gathered(embeddings.weight), torch.no_grad():
         return embeddings(torch.tensor(ids, device=embeddings.weight.device)).float().cpu().clone()
 
 
@@ -194,7 +201,7 @@ def vocab_ids(config: Any, vocab_rows: int, excluded: set[int]) -> list[int]:
 def matched_random(embeddings: nn.Module, n: int, seed: int, chunk_rows: int = 16384) -> torch.Tensor:
     """N(mean, std) per dimension of the embedded vocabulary, computed in chunks (no float copy of the table)."""
     weight = embeddings.weight
-    with gather_params_ctx(weight), torch.no_grad():
+    with _gathered(weight), torch.no_grad():
         count = weight.shape[0]
         total = torch.zeros(weight.shape[1], dtype=torch.float64)
         total_sq = torch.zeros_like(total)

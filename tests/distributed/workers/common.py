@@ -20,16 +20,21 @@ def pg_timeout() -> datetime.timedelta:
     return datetime.timedelta(seconds=int(os.environ.get("SOFTPROMPT_PG_TIMEOUT", "60")))
 
 
-def tiny_llama(seed: int = 0, hidden: int = 32, vocab: int = VOCAB):
-    from transformers import LlamaConfig, LlamaForCausalLM
+def tiny_llama_config(hidden: int = 32, vocab: int = VOCAB):
+    from transformers import LlamaConfig
 
-    config = LlamaConfig(
+    return LlamaConfig(
         hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, vocab_size=vocab, max_position_embeddings=128, pad_token_id=0, bos_token_id=1,
         eos_token_id=2, tie_word_embeddings=False,
     )  # fmt: skip
+
+
+def tiny_llama(seed: int = 0, hidden: int = 32, vocab: int = VOCAB):
+    from transformers import LlamaForCausalLM
+
     torch.manual_seed(seed)
-    return LlamaForCausalLM(config).eval()
+    return LlamaForCausalLM(tiny_llama_config(hidden, vocab)).eval()
 
 
 def tokenizer():
