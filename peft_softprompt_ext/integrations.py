@@ -244,6 +244,9 @@ def atomic_save_pretrained(model: nn.Module, save_directory: str | os.PathLike, 
     parent, name = os.path.split(save_directory)
     os.makedirs(parent, exist_ok=True)
     _restore_interrupted_swap(save_directory)
+    for stale in os.listdir(parent):  # staging left by a save that crashed
+        if stale.startswith(f".{name}.tmp-"):
+            shutil.rmtree(os.path.join(parent, stale), ignore_errors=True)
     staging = tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=parent)
     try:
         model.save_pretrained(staging, **kwargs)

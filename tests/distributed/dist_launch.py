@@ -91,11 +91,27 @@ def launch(
     env: dict | None = None,
 ) -> Launch:
     """Run `workers/<script>` on `nproc` ranks; each rank writes `<out_dir>/rank<r>.json`."""
+    return launch_file(
+        WORKERS / script, "--out", str(out_dir), *args, out_dir=out_dir, nproc=nproc, timeout_s=timeout_s,
+        pg_timeout_s=pg_timeout_s, env=env,
+    )  # fmt: skip
+
+
+def launch_file(
+    path: Path,
+    *args: str,
+    out_dir: Path,
+    nproc: int = 2,
+    timeout_s: float = 240,
+    pg_timeout_s: int = 60,
+    env: dict | None = None,
+) -> Launch:
+    """Run any script on `nproc` ranks under torchrun (cwd: `out_dir`, log: `<out_dir>/launch.log`)."""
     cmd = [
         sys.executable, "-m", "torch.distributed.run",
         f"--nproc_per_node={nproc}", "--nnodes=1", "--max_restarts=0", "--monitor_interval=0.5",
         "--master_addr=127.0.0.1", f"--master_port={free_port()}",
-        str(WORKERS / script), "--out", str(out_dir), *args,
+        str(path), *args,
     ]  # fmt: skip
     return _run(cmd, out_dir, timeout_s, worker_env(pg_timeout_s, env), nproc)
 

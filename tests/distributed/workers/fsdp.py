@@ -77,7 +77,11 @@ def run(mode: str) -> dict:
 
     # 1) every rank calls save (gathered, written once, atomically)
     save_adapter(wrapped, os.path.join(base, "all_ranks"))
-    result = {"losses": losses, "prompt": prompt.tolist(), "saved_all_ranks": read_saved(os.path.join(base, "all_ranks"))}
+    result = {
+        "losses": losses,
+        "prompt": prompt.tolist(),
+        "saved_all_ranks": read_saved(os.path.join(base, "all_ranks")),
+    }
     if mode.startswith("fsdp1"):  # 2) what accelerate/Trainer do: a gathered FULL_STATE_DICT handed to save_pretrained
         from torch.distributed.fsdp import FullStateDictConfig, StateDictType
         from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
