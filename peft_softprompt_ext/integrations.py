@@ -34,6 +34,7 @@ __all__ = [
     "DecodedPromptCallback",
     "PromptShardedError",
     "atomic_save_pretrained",
+    "decoded_prompt_tokens",
     "fsdp_auto_wrap_policy",
     "fully_shard_soft_prompt_model",
     "gather_prompt_weight",
@@ -75,10 +76,23 @@ def _prompt_module(model: nn.Module, adapter_name: str | None) -> nn.Module:
 # --------------------------------------------------------------------------- reading / gathering the prompt
 
 
-def _is_fsdp1_unit(module: nn.Module) -> bool:
-    from torch.distributed.fsdp import FullyShardedDataParallel
+def _fsdp_classes() -> tuple[type, ...]:
+    """(FSDP1 wrapper, FSDP2 module mixin), or () on a torch built without distributed support."""
+    try:
+        from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
+    except ImportError:  # pragma: no cover - torch without distributed
+        return ()
+    return FullyShardedDataParallel, FSDPModule
 
-    return isinstance(module, FullyShardedDataParallel)
+
+def _is_fsdp1_unit(module: nn.Module) -> bool:
+    classes = _fsdp_classes()
+    return bool(classes) and isinstance(module, classes[0])
+
+
+def _is_fsdp_module(module: nn.Module) -> bool:
+    classes = _fsdp_classes()
+    return bool(classes) and isinstance(module, classes)
 
 
 def _is_zero3_param(param: torch.Tensor) -> bool:
@@ -176,11 +190,7 @@ def parameters_are_sharded(model: nn.Module) -> bool:
     """Whether FSDP (1 or 2) or ZeRO-3 manages parameters inside `model`. Those free a layer's weights after its
     forward and fetch them again from hooks on its outputs in backward, so a layer must not be reached through a
     side channel (the shared prompt KV cache is one): the model then uses the concatenated forward."""
-    from torch.distributed.fsdp import FSDPModule
-
-    return any(_is_fsdp1_unit(m) or isinstance(m, FSDPModule) for m in model.modules()) or any(
-        _is_zero3_param(p) for p in model.parameters()
-    )
+    return any(_is_fsdp_module(m) for m in model.modules()) or any(_is_zero3_param(p) for p in model.parameters())
 
 
 def local_adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor] | None:
@@ -191,13 +201,9 @@ def local_adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor] | None
     hangs, and under FSDP2 it returns DTensors safetensors can't write. `local_prompt_weight` needs no collective
     (and raises PromptShardedError when the prompt is sharded). Other trainable modules (a classification head)
     or a residual prompt under FSDP must be saved on every rank (`save_adapter`)."""
-    from torch.distributed.fsdp import FSDPModule
-
     from .model import SoftPromptModel
 
-    if not isinstance(model, SoftPromptModel) or not any(
-        _is_fsdp1_unit(m) or isinstance(m, FSDPModule) for m in model.modules()
-    ):
+    if not isinstance(model, SoftPromptModel) or not any(_is_fsdp_module(m) for m in model.modules()):
         return None
     if any(getattr(model, "modules_to_save", None) or ()):
         raise PromptShardedError(
