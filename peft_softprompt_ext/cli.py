@@ -1,8 +1,8 @@
 """The ``softprompt`` command: train, generate with, inspect, decode and export soft prompts from a shell.
 
 Bad input (missing files, malformed JSONL, unknown models, out-of-range options) ends in one line on stderr and a
-non-zero exit; ``--debug`` shows the traceback instead. Heavy imports (torch, transformers, peft) happen inside the
-commands so that ``softprompt --help`` and argument errors are instant.
+non-zero exit; ``--debug`` shows the traceback instead. Model loading and training happen inside the commands,
+after the arguments have been checked, so that bad options fail before any model is loaded.
 """
 
 from __future__ import annotations
@@ -342,8 +342,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )
-    if not args.verbose:
+    if not args.verbose:  # the CLI prints what matters; hub retries and load reports are noise here
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        logging.getLogger("huggingface_hub").setLevel(logging.ERROR)
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
