@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import sys
+import warnings
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
@@ -345,6 +346,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.verbose:  # the CLI prints what matters; hub retries and load reports are noise here
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
         logging.getLogger("huggingface_hub").setLevel(logging.ERROR)
+        warnings.filterwarnings("ignore", category=FutureWarning)  # deprecations are for developers (-v shows them)
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
