@@ -3,10 +3,11 @@
 Opt-in: deepspeed is an optional extra (`pip install -e .[deepspeed]`) and its first run JIT-builds a small
 shared-memory extension (about 5 minutes on 2 busy cores, cached afterwards), so CI skips it. Run it with
     RUN_DEEPSPEED=1 python -m pytest -q tests/distributed/test_dist_deepspeed.py
-Checks: the base model's embedding table is really partitioned, text init gathers it (the prompt starts exactly at
-the text's embedding rows), training matches one process on the combined batch, decoding gathers the table on every
-rank, all-rank / consolidated saves hold the prompt, and a rank-0-only save is correct when ZeRO-3 keeps the small
-prompt whole (persistence threshold) and a fast, clear error when the prompt itself is partitioned (never a hang).
+Checks: the base model's embedding table is really partitioned, text and vocab init gather it (the prompt starts
+exactly at the text's / sampled ids' embedding rows), training matches one process on the combined batch, decoding
+gathers the table on every rank, all-rank / consolidated saves hold the prompt, and a rank-0-only save is correct
+when ZeRO-3 keeps the small prompt whole (persistence threshold) and a fast, clear error when the prompt itself is
+partitioned (never a hang).
 """
 
 from __future__ import annotations
@@ -38,12 +39,15 @@ def ds_run(tmp_path_factory):
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_text_init_reads_the_gathered_table(ds_run, mode):
+def test_init_reads_the_gathered_table(ds_run, mode):
     for rank in ds_run.ranks:
         result = rank["modes"][mode]
         assert result["table_partitioned"] == mode.startswith("zero3")
         assert torch.equal(torch.tensor(result["initial"]), torch.tensor(result["expected_init"]))
         assert torch.tensor(result["initial"]).abs().sum() > 0
+        if result["init_kind"] == "vocab":  # distinct sampled ids, none special (0-3 here), all found in the table
+            ids = result["init_ids"]
+            assert min(ids) >= 4 and len(set(ids)) == len(ids)
 
 
 @pytest.mark.parametrize("mode", MODES)

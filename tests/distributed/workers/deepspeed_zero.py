@@ -5,7 +5,8 @@ Modes (one entry each in rank<r>.json):
   zero3            the base model is built under `deepspeed.zero.Init` (its embedding table partitioned from birth)
                    with transformers' HfDeepSpeedConfig alive, as accelerate/Trainer do; text init must gather the
                    table; the prompt is small, so ZeRO-3 keeps it whole (persistence threshold).
-  zero3-raw        the same without HfDeepSpeedConfig (plain deepspeed users): init must still gather.
+  zero3-raw        the same without HfDeepSpeedConfig (plain deepspeed users), with init="vocab": init must still
+                   gather.
   zero3-prompt-partitioned
                    stage3_param_persistence_threshold=0: the prompt itself is partitioned; a rank-0-only save must
                    fail fast with a clear error, an all-rank save must gather it.
@@ -53,7 +54,15 @@ rank, world = dist.get_rank(), dist.get_world_size()
 assert world == 2, world
 INIT_TEXT = "w10 w11 w12 w13"
 tok = tokenizer()
-reference = train_reference(args.steps, args.rows, init="text", init_text=INIT_TEXT, tokenizer=tok)
+INIT = {
+    "text": {"init": "text", "init_text": INIT_TEXT, "tokenizer": tok},
+    "vocab": {"init": "vocab", "tokenizer": tok},
+}
+references = {kind: train_reference(args.steps, args.rows, **kwargs) for kind, kwargs in INIT.items()}
+
+
+def init_kind(mode: str) -> str:
+    return "vocab" if mode == "zero3-raw" else "text"  # both init methods, both ZeRO-3 gathering paths
 
 
 def ds_config(stage: int, persistence: int | None) -> dict:
@@ -96,9 +105,7 @@ def build(mode: str, config: dict):
 
     from peft_softprompt_ext import SoftPromptConfig
 
-    sp_config = SoftPromptConfig(
-        task_type="CAUSAL_LM", num_virtual_tokens=4, init="text", init_text=INIT_TEXT, tokenizer=tok
-    )
+    sp_config = SoftPromptConfig(task_type="CAUSAL_LM", num_virtual_tokens=4, **INIT[init_kind(mode)])
     model = get_peft_model(base, sp_config)
     return model, hf_config, partitioned
 
@@ -114,9 +121,14 @@ def run(mode: str) -> dict:
     initial = gather_prompt_weight(model)  # whole here: not yet under deepspeed.initialize
     # the text's own embedding rows, gathered explicitly (independent of the code under test)
     table = model.base_model.get_input_embeddings().weight
-    ids = tok(INIT_TEXT, add_special_tokens=False)["input_ids"]
     with deepspeed.zero.GatheredParameters([table]) if hasattr(table, "ds_id") else contextlib.nullcontext():
-        expected_init = table.detach()[ids].clone()
+        full_table = table.detach().clone()
+    if init_kind(mode) == "text":
+        ids = tok(INIT_TEXT, add_special_tokens=False)["input_ids"]
+    else:  # vocab init: each row must be some non-special row of the gathered table
+        ids = [int((full_table == row).all(-1).nonzero()[0, 0]) if (full_table == row).all(-1).any() else -1
+               for row in initial]  # fmt: skip
+    expected_init = full_table[ids].clone()
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-2, weight_decay=0.0)
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
@@ -137,7 +149,9 @@ def run(mode: str) -> dict:
         "prompt_persistent": bool(getattr(weight, "ds_persist", False)),
         "initial": initial.tolist(),
         "expected_init": expected_init.tolist(),
-        "reference": reference.tolist(),
+        "reference": references[init_kind(mode)].tolist(),
+        "init_kind": init_kind(mode),
+        "init_ids": ids,
         "prompt": prompt.tolist(),
         "losses": losses,
         "decoded": decoded_prompt_tokens(inner, tok),  # every rank: gathers the table under ZeRO-3
