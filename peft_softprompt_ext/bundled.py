@@ -16,11 +16,12 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
+
+from .atomic import atomic_dir
 
 logger = logging.getLogger(__name__)
 
@@ -81,27 +82,11 @@ def is_complete(folder: Path) -> bool:
 
 
 def atomic_build(target: Path, build: Callable[[Path], None]) -> Path:
-    """Run ``build(tmp_dir)`` in a temp folder beside ``target`` and rename it into place.
-
-    The rename makes the result all-or-nothing: an interrupted build leaves only a hidden temp folder
-    (removed here on error), never a half-written ``target``. If another process won the race and
-    ``target`` already exists when we finish, ours is discarded and theirs is kept.
-    """
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
-        build(tmp)
-        os.chmod(tmp, 0o755)  # mkdtemp makes it 0700; a shared cache must stay readable by others
-        try:
-            os.replace(tmp, target)
-            logger.info("Wrote %s", target)
-        except OSError:
-            if not target.is_dir():
-                raise
-            logger.info("%s was created concurrently by another process; discarding our copy", target)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+    """Run ``build(dir)`` so that ``target`` appears whole or not at all; if another process finished first,
+    its copy is kept and ours discarded."""
+    with atomic_dir(target, if_exists="keep", mode=0o755) as tmp:  # a shared cache must stay readable by others
+        build(Path(tmp))
+    logger.info("Wrote %s", target)
     return target
 
 

@@ -15,11 +15,9 @@ are read (never pickles), and configs are read as JSON (never code).
 from __future__ import annotations
 
 import contextlib
-import errno
 import json
 import logging
 import os
-import shutil
 import tempfile
 from collections.abc import Iterator
 from typing import Any
@@ -28,6 +26,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .atomic import atomic_dir
 from .prompt import ADAPTER_WEIGHTS_NAME, PROMPT_KEY, RAW_PREFIX
 
 logger = logging.getLogger(__name__)
@@ -40,60 +39,6 @@ SOFT_PROMPT_TYPE = "SOFT_PROMPT"
 PEFT_PROMPT_TUNING_TYPE = "PROMPT_TUNING"
 _SHARED_CONFIG_KEYS = ("task_type", "base_model_name_or_path", "revision", "num_attention_heads", "num_layers",
                        "modules_to_save", "tokenizer_name_or_path", "tokenizer_kwargs")  # fmt: skip
-
-
-# --------------------------------------------------------------------------- atomic output
-
-
-def _check_target(out: str, overwrite: bool) -> None:
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise FileExistsError(f"Output path {out!r} exists and is not a directory.")
-    if os.path.isdir(out) and os.listdir(out) and not overwrite:
-        raise FileExistsError(
-            f"Output directory {out!r} is not empty; pass overwrite=True (--overwrite) to replace it."
-        )
-
-
-def _publish(tmp: str, out: str, overwrite: bool) -> None:
-    """Move the finished `tmp` dir to `out` in one rename (a missing or empty `out` is replaced directly)."""
-    try:
-        os.replace(tmp, out)
-        return
-    except OSError as err:
-        if err.errno not in (errno.ENOTEMPTY, errno.EEXIST):
-            raise
-        if not overwrite:
-            raise FileExistsError(
-                f"Output directory {out!r} became non-empty while writing; not replacing it."
-            ) from err
-    backup = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.old-", dir=os.path.dirname(out))
-    os.rmdir(backup)
-    os.replace(out, backup)
-    try:
-        os.replace(tmp, out)
-    except OSError:
-        os.replace(backup, out)
-        raise
-    shutil.rmtree(backup, ignore_errors=True)
-
-
-@contextlib.contextmanager
-def atomic_output_dir(out_dir: str | os.PathLike, overwrite: bool = False) -> Iterator[str]:
-    """Yield a temporary directory; on success it becomes `out_dir` atomically, on error it is removed."""
-    out = os.path.abspath(os.fspath(out_dir))
-    _check_target(out, overwrite)
-    parent = os.path.dirname(out)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.tmp-", dir=parent)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; give the result the usual directory permissions
-    try:
-        yield tmp
-        _publish(tmp, out, overwrite)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 # --------------------------------------------------------------------------- reading adapter dirs
@@ -190,7 +135,7 @@ def export_peft_prompt_tuning(
         inference_mode=True,
     )
     others = {k: v for k, v in state.items() if k != PROMPT_KEY and not k.startswith(RAW_PREFIX)}
-    with atomic_output_dir(out_dir, overwrite) as tmp:
+    with atomic_dir(out_dir, "replace" if overwrite else "error") as tmp:
         peft_config.save_pretrained(tmp)
         _write_weights({PROMPT_KEY: prompt, **others}, tmp)
     logger.info("Exported a %d-token prompt as a PEFT PROMPT_TUNING adapter to %s", prompt.shape[0], out_dir)
@@ -241,7 +186,7 @@ def import_peft_prompt_tuning(
         **_init_fields(peft_cfg),
     )
     others = {k: v for k, v in state.items() if k != PROMPT_KEY}
-    with atomic_output_dir(out_dir, overwrite) as tmp:
+    with atomic_dir(out_dir, "replace" if overwrite else "error") as tmp:
         config.save_pretrained(tmp)
         _write_weights({PROMPT_KEY: prompt, **others}, tmp)
     logger.info("Imported a %d-token PEFT prompt into %s", num_virtual, out_dir)
@@ -305,7 +250,7 @@ def export_prompt_embeds(
         "usage": "Prepend to the token embeddings of the tokenised input (BOS included) of the same base model: "
         "inputs_embeds = cat([prompt_embeds, embed_tokens(input_ids)]); vLLM: {'prompt_embeds': inputs_embeds}.",
     }
-    with atomic_output_dir(out_dir, overwrite) as tmp:
+    with atomic_dir(out_dir, "replace" if overwrite else "error") as tmp:
         save_file({EMBEDS_KEY: prompt.contiguous()}, os.path.join(tmp, EMBEDS_WEIGHTS_NAME), metadata={"format": "pt"})
         with open(os.path.join(tmp, EMBEDS_METADATA_NAME), "w", encoding="utf-8") as f:
             json.dump(metadata, f, indent=2)

@@ -392,8 +392,8 @@ def train(settings: TrainSettings, log: Any = print) -> TrainResult:
     from peft import get_peft_model
     from tqdm.auto import tqdm
 
+    from .atomic import atomic_dir
     from .config import SoftPromptConfig
-    from .export import atomic_output_dir
 
     settings.validate()
     device = resolve_device(settings.device)
@@ -460,7 +460,7 @@ def train(settings: TrainSettings, log: Any = print) -> TrainResult:
         "train_seconds": round(train_seconds, 2),
         "final_loss": losses[-1] if losses else None,
     }
-    with atomic_output_dir(settings.out, overwrite=settings.overwrite) as tmp:
+    with atomic_dir(settings.out, "replace" if settings.overwrite else "error") as tmp:
         peft_model.save_pretrained(tmp)
         with open(os.path.join(tmp, TRAINING_INFO_NAME), "w", encoding="utf-8") as f:
             json.dump(info, f, indent=2)

@@ -17,11 +17,11 @@ from peft import PeftModel, PromptTuningConfig, get_peft_model
 from safetensors.torch import load_file, save_file
 
 from peft_softprompt_ext import SoftPromptConfig, SoftPromptModelForCausalLM
+from peft_softprompt_ext.atomic import atomic_dir
 from peft_softprompt_ext.cli_decode import METRICS as CLI_METRICS
 from peft_softprompt_ext.cli_decode import add_decode_export_subparsers, main
 from peft_softprompt_ext.decode import METRICS
 from peft_softprompt_ext.export import (
-    atomic_output_dir,
     export_peft_prompt_tuning,
     export_prompt_embeds,
     import_peft_prompt_tuning,
@@ -214,7 +214,7 @@ def test_outputs_never_overwrite_unless_asked_and_are_atomic(base_dir, tokenizer
     export_prompt_embeds(model, tmp_path / "empty")  # an empty directory is fine
     export_peft_prompt_tuning(model, out, overwrite=True)
     assert sorted(os.listdir(out)) == ["adapter_config.json", "adapter_model.safetensors"]
-    with pytest.raises(RuntimeError, match="boom"), atomic_output_dir(tmp_path / "failed") as tmp:
+    with pytest.raises(RuntimeError, match="boom"), atomic_dir(tmp_path / "failed") as tmp:
         (open(os.path.join(tmp, "partial"), "w")).close()
         raise RuntimeError("boom")
     assert not (tmp_path / "failed").exists()
