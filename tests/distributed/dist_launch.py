@@ -106,14 +106,19 @@ def launch_file(
     pg_timeout_s: int = 60,
     env: dict | None = None,
 ) -> Launch:
-    """Run any script on `nproc` ranks under torchrun (cwd: `out_dir`, log: `<out_dir>/launch.log`)."""
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run",
-        f"--nproc_per_node={nproc}", "--nnodes=1", "--max_restarts=0", "--monitor_interval=0.5",
-        "--master_addr=127.0.0.1", f"--master_port={free_port()}",
-        str(path), *args,
-    ]  # fmt: skip
-    return _run(cmd, out_dir, timeout_s, worker_env(pg_timeout_s, env), nproc)
+    """Run any script on `nproc` ranks under torchrun (cwd: `out_dir`, log: `<out_dir>/launch.log`).
+    A port taken by someone else between `free_port()` and torchrun's bind gets one retry on a new port."""
+    for attempt in range(2):
+        cmd = [
+            sys.executable, "-m", "torch.distributed.run",
+            f"--nproc_per_node={nproc}", "--nnodes=1", "--max_restarts=0", "--monitor_interval=0.5",
+            "--master_addr=127.0.0.1", f"--master_port={free_port()}",
+            str(path), *args,
+        ]  # fmt: skip
+        result = _run(cmd, out_dir, timeout_s, worker_env(pg_timeout_s, env), nproc)
+        if result.returncode == 0 or "Address already in use" not in result.output or attempt:
+            return result
+    return result
 
 
 def run_single(script: str, *args: str, out_dir: Path, timeout_s: float = 120, env: dict | None = None) -> Launch:
