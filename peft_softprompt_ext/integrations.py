@@ -19,8 +19,6 @@ import contextlib
 import json
 import logging
 import os
-import shutil
-import tempfile
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -221,69 +219,19 @@ def local_adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor] | None
     return state
 
 
-def _fsync_dir(path: str) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def _fsync_tree(path: str) -> None:
-    for root, _, files in os.walk(path):
-        for name in files:
-            with contextlib.suppress(OSError), open(os.path.join(root, name), "rb") as f:
-                os.fsync(f.fileno())
-        _fsync_dir(root)
-
-
 def atomic_save_pretrained(model: nn.Module, save_directory: str | os.PathLike, **kwargs: Any) -> str:
-    """`model.save_pretrained(save_directory, **kwargs)`, made atomic: the files are written to a hidden sibling
-    directory, synced, then swapped in with renames. A crash at any moment leaves either the previous adapter or
-    the new one at `save_directory` (or, between the two renames, the previous one at ``<dir>.old-*``, which
-    `last_complete_checkpoint` and the next save restore). Only the main process writes (`is_main_process`)."""
+    """`model.save_pretrained(save_directory, **kwargs)`, made atomic with `atomic.atomic_dir`: the files are
+    written to a hidden staging directory, synced, then swapped in with renames, so a crash at any moment leaves the
+    previous adapter or the new one (never a mix). Only the main process writes (`is_main_process`)."""
+    from .atomic import atomic_dir
+
     save_directory = os.path.abspath(os.fspath(save_directory))
     if not kwargs.get("is_main_process", True):
         model.save_pretrained(save_directory, **kwargs)  # computes nothing collective, writes nothing
         return save_directory
-    parent, name = os.path.split(save_directory)
-    os.makedirs(parent, exist_ok=True)
-    _restore_interrupted_swap(save_directory)
-    for stale in os.listdir(parent):  # staging left by a save that crashed
-        if stale.startswith(f".{name}.tmp-"):
-            shutil.rmtree(os.path.join(parent, stale), ignore_errors=True)
-    staging = tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=parent)
-    try:
+    with atomic_dir(save_directory, if_exists="replace") as staging:
         model.save_pretrained(staging, **kwargs)
-        _fsync_tree(staging)
-        backup = None
-        if os.path.exists(save_directory):
-            backup = tempfile.mkdtemp(prefix=f"{name}.old-", dir=parent)
-            os.rmdir(backup)
-            os.rename(save_directory, backup)
-        os.rename(staging, save_directory)
-        _fsync_dir(parent)
-        if backup is not None:
-            shutil.rmtree(backup, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return save_directory
-
-
-def _restore_interrupted_swap(save_directory: str) -> None:
-    """If a crash struck between the two renames of `atomic_save_pretrained`, put the previous adapter back."""
-    parent, name = os.path.split(save_directory)
-    if os.path.exists(save_directory):
-        return
-    backups = sorted(
-        (os.path.join(parent, d) for d in os.listdir(parent) if d.startswith(f"{name}.old-")),
-        key=os.path.getmtime,
-    )
-    if backups:
-        logger.warning("Restoring %s from %s (a previous save was interrupted).", save_directory, backups[-1])
-        os.rename(backups[-1], save_directory)
 
 
 def save_adapter(

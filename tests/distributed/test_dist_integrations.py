@@ -74,7 +74,7 @@ CRASH = textwrap.dedent(
     sys.path.insert(0, {tests!r})
     import torch, tiny
     from peft import get_peft_model
-    from peft_softprompt_ext import SoftPromptConfig, integrations
+    from peft_softprompt_ext import SoftPromptConfig, atomic
     from peft_softprompt_ext.integrations import atomic_save_pretrained
 
     def die_mid_write(staging):
@@ -83,7 +83,7 @@ CRASH = textwrap.dedent(
             f.truncate(os.path.getsize(weights) // 2)
         os._exit(1)
 
-    integrations._fsync_tree = die_mid_write  # fault injection in our own code: death before the swap
+    atomic._fsync_tree = die_mid_write  # fault injection in our own code: death before the swap
     model = get_peft_model(tiny.causal_lm("llama", seed=1), SoftPromptConfig(task_type="CAUSAL_LM", num_virtual_tokens=4))
     atomic_save_pretrained(model, {target!r})
     """
