@@ -31,7 +31,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from peft.utils.integrations import gather_params_ctx
 from torch import nn
 from torch.nn import functional as F
 
@@ -75,11 +74,10 @@ def _lookup(embeddings: torch.Tensor | nn.Module, ids: torch.Tensor) -> torch.Te
 @contextlib.contextmanager
 def _gathered(embeddings: torch.Tensor | nn.Module) -> Iterator[None]:
     """Read-only gather of a ZeRO-3 partitioned table (no-op otherwise)."""
+    from .integrations import gathered_params
+
     weight = _weight_of(embeddings)
-    if isinstance(weight, nn.Parameter):
-        with gather_params_ctx(weight, modifier_rank=None):
-            yield
-    else:
+    with gathered_params([weight] if isinstance(weight, nn.Parameter) else []):
         yield
 
 
