@@ -20,19 +20,20 @@ RAW_PREFIX = "residual."  # raw parameters of a residual prompt, kept so trainin
 
 
 class ResidualMLP(nn.Module):
-    """Shared bottleneck MLP of residual prompt tuning; the up-projection starts at zero so the
-    reparameterised prompt starts exactly at its initialisation."""
+    """Shared bottleneck MLP of residual prompt tuning, LN(up(relu(down(P)))), behind a learned gate that starts
+    at zero: the prompt starts exactly at its initialisation and the residual grows smoothly. (Zeroing the
+    up-projection instead would put LayerNorm at a zero input, whose 1/sqrt(eps) gradient makes the first step
+    swamp the prompt.)"""
 
     def __init__(self, dim: int, hidden: int) -> None:
         super().__init__()
         self.down = nn.Linear(dim, hidden)
         self.up = nn.Linear(hidden, dim)
         self.norm = nn.LayerNorm(dim)
-        nn.init.zeros_(self.up.weight)
-        nn.init.zeros_(self.up.bias)
+        self.gate = nn.Parameter(torch.zeros(1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.norm(self.up(torch.relu(self.down(x))))
+        return self.gate * self.norm(self.up(torch.relu(self.down(x))))
 
 
 class SoftPromptEncoder(BasePromptEncoder):

@@ -13,7 +13,7 @@ from peft_softprompt_ext import SoftPromptConfig, SoftPromptModelForCausalLM
 
 P = 4
 HIDDEN = 8
-MLP_KEYS = {"down.weight", "down.bias", "up.weight", "up.bias", "norm.weight", "norm.bias"}
+MLP_KEYS = {"down.weight", "down.bias", "up.weight", "up.bias", "norm.weight", "norm.bias", "gate"}
 
 
 def residual_model(steps: int = 3, seed: int = 0) -> SoftPromptModelForCausalLM:
@@ -72,7 +72,7 @@ def test_residual_starts_at_its_initialisation_and_trains_mlp_and_prompt():
     before = raw_state(model)
     train_steps(model, 2)
     after = raw_state(model)
-    assert all(not torch.equal(before[k], after[k]) for k in ("raw_prompt", "up.weight", "down.weight"))
+    assert all(not torch.equal(before[k], after[k]) for k in ("raw_prompt", "up.weight", "down.weight", "gate"))
 
 
 def test_saved_adapter_keeps_effective_prompt_and_raw_parameters(tmp_path):
@@ -147,3 +147,22 @@ def test_resume_then_save_again_round_trips(tmp_path):
     again = PeftModel.from_pretrained(tiny.causal_lm("llama"), tmp_path / "b", is_trainable=True)
     for key, value in raw_state(resumed).items():
         torch.testing.assert_close(raw_state(again)[key], value)
+
+
+def test_residual_starts_at_init_and_moves_smoothly():
+    """One AdamW step moves the residual prompt about as far as it moves a plain prompt (no LayerNorm blow-up)."""
+
+    def step_size(**kw) -> float:
+        model = get_peft_model(
+            tiny.causal_lm("llama"), SoftPromptConfig(task_type="CAUSAL_LM", num_virtual_tokens=4, init="random", **kw)
+        )
+        before = model.prompt_embeddings().detach().clone()
+        torch.testing.assert_close(before, model.prompt_encoder["default"].embedding.weight.detach())
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+        ids = tiny.random_ids(2, 5)
+        model.train()
+        model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        return (model.prompt_embeddings().detach() - before).norm().item()
+
+    assert step_size(reparameterization="residual") < 3 * step_size()
