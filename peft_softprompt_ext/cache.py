@@ -63,7 +63,11 @@ def supports_prefix_kv(model: nn.Module) -> bool:
 
 def gradient_checkpointing_active(model: nn.Module) -> bool:
     """Transformers drops caches inside checkpointed layers while training, so the prefix path can't be used."""
-    return bool(getattr(model, "is_gradient_checkpointing", False)) and model.training and torch.is_grad_enabled()
+    if not (model.training and torch.is_grad_enabled()):
+        return False  # checked first: the flag below walks every module
+    if hasattr(type(model), "is_activation_checkpointing"):  # transformers >= 5.2x; the old name warns
+        return bool(model.is_activation_checkpointing)
+    return bool(getattr(model, "is_gradient_checkpointing", False))
 
 
 def input_positions(mask: torch.Tensor, offset: int, position_ids: torch.Tensor | None = None) -> torch.Tensor:
