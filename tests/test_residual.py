@@ -27,23 +27,12 @@ def residual_model(steps: int = 3, seed: int = 0) -> SoftPromptModelForCausalLM:
         residual_hidden_size=HIDDEN,
     )
     model = get_peft_model(tiny.causal_lm("llama"), config)
-    train_steps(model, steps)
+    tiny.train_steps(model, steps)
     return model.eval()
 
 
 def trainable(model) -> list[torch.nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
-
-
-def train_steps(model, steps: int, lr: float = 0.05) -> None:
-    optimizer = torch.optim.AdamW(trainable(model), lr=lr)
-    ids = tiny.random_ids(4, 6)
-    model.train()
-    for _ in range(steps):
-        model(input_ids=ids, labels=ids).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-    model.eval()
 
 
 def raw_state(model) -> dict[str, torch.Tensor]:
@@ -70,7 +59,7 @@ def test_residual_starts_at_its_initialisation_and_trains_mlp_and_prompt():
     names = {n.split("default.", 1)[1] for n, p in model.named_parameters() if p.requires_grad}
     assert names == {"embedding.weight"} | {f"residual.{k}" for k in MLP_KEYS}
     before = raw_state(model)
-    train_steps(model, 2)
+    tiny.train_steps(model, 2)
     after = raw_state(model)
     assert all(not torch.equal(before[k], after[k]) for k in ("raw_prompt", "up.weight", "down.weight", "gate"))
 
@@ -131,8 +120,8 @@ def test_resume_restores_raw_parameters_and_continues_from_them(tmp_path):
 
     # One more step from the saved state (fresh optimiser on both) lands on the same parameters: resuming
     # continues from the raw parameters, not from a re-initialised MLP on top of the folded prompt.
-    train_steps(model, 1)
-    train_steps(resumed, 1)
+    tiny.train_steps(model, 1)
+    tiny.train_steps(resumed, 1)
     for key, value in raw_state(model).items():
         torch.testing.assert_close(raw_state(resumed)[key], value, atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(logits(resumed, ids), logits(model, ids), atol=1e-5, rtol=1e-5)
@@ -142,7 +131,7 @@ def test_resume_then_save_again_round_trips(tmp_path):
     model = residual_model()
     model.save_pretrained(tmp_path / "a")
     resumed = PeftModel.from_pretrained(tiny.causal_lm("llama"), tmp_path / "a", is_trainable=True)
-    train_steps(resumed, 2)
+    tiny.train_steps(resumed, 2)
     resumed.save_pretrained(tmp_path / "b")
     again = PeftModel.from_pretrained(tiny.causal_lm("llama"), tmp_path / "b", is_trainable=True)
     for key, value in raw_state(resumed).items():

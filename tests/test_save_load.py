@@ -22,14 +22,8 @@ TESTS = os.path.dirname(__file__)
 
 def trained(arch: str = "llama", steps: int = 3, **kw):
     model = get_peft_model(tiny.causal_lm(arch), SoftPromptConfig(task_type="CAUSAL_LM", num_virtual_tokens=P, **kw))
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.05)
-    ids = tiny.random_ids(4, 6)
-    model.train()
-    for _ in range(steps):
-        model(input_ids=ids, labels=ids).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-    return model.eval()
+    tiny.train_steps(model, steps)
+    return model
 
 
 def run_fresh(code: str) -> str:

@@ -200,3 +200,15 @@ def right_pad(rows: list[torch.Tensor], pad_id: int = 0) -> tuple[torch.Tensor, 
         ids[i, : len(r)] = r
         mask[i, : len(r)] = 1
     return ids, mask
+
+
+def train_steps(model, steps: int, lr: float = 0.05) -> None:
+    """A few AdamW steps of causal-LM loss on fixed random ids, leaving the model in eval mode."""
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    ids = random_ids(4, 6)
+    model.train()
+    for _ in range(steps):
+        model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.eval()
