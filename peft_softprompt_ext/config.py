@@ -1,35 +1,82 @@
-"""`SoftPromptConfig`: what a soft prompt is made of, validated when it is built and when it is loaded."""
+"""`SoftPromptConfig`: what a soft prompt is made of, validated field by field when built and when loaded."""
 
 from __future__ import annotations
 
 import copy
+import enum
+import functools
 import logging
-from dataclasses import dataclass, field, fields
+import types
+import typing
+from dataclasses import MISSING, dataclass, field, fields
 from typing import Any
 
 from peft import PromptLearningConfig
 
+from . import _peft_patch
+from .constants import MAX_VIRTUAL_TOKENS
+from .initializers import INIT_FIELDS, INITIALIZERS
+
 logger = logging.getLogger(__name__)
 
-PEFT_TYPE_NAME = "SOFT_PROMPT"
-INIT_METHODS = ("vocab", "text", "random", "pretrained")
 REPARAMETERIZATIONS = (None, "residual")
+# Fields that must be positive integers when set (and at most this large).
+_POSITIVE = {
+    "num_virtual_tokens": MAX_VIRTUAL_TOKENS,
+    "token_dim": None,
+    "init_vocab_top_k": None,
+    "residual_hidden_size": None,
+    "vocab_size": None,
+    "num_transformer_submodules": None,
+}
+_UNCHECKED = ("tokenizer",)  # a live tokenizer object: duck-typed, never serialised
 
 
-def _require_positive_int(name: str, value: Any, allow_none: bool = False) -> None:
-    if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"SoftPromptConfig.{name} must be a positive integer, got {value!r}.")
+class ConfigError(ValueError):
+    """A SoftPromptConfig field with a value of the wrong type or out of range."""
+
+
+def _type_name(hint: Any) -> str:
+    if hint is type(None):
+        return "None"
+    if isinstance(hint, type):
+        return hint.__name__
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(hint))
+    return str(hint).replace("typing.", "")
+
+
+def _matches(value: Any, hint: Any) -> bool:
+    """isinstance against a type hint, with bool kept apart from int and plain str accepted for str enums."""
+    if hint is Any:
+        return True
+    if hint is type(None):
+        return value is None
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(value, arg) for arg in typing.get_args(hint))
+    if origin is not None:  # list[str], dict[str, Any]: check the container, then the items of a list
+        if not isinstance(value, origin):
+            return False
+        args = typing.get_args(hint)
+        return origin is not list or not args or all(_matches(v, args[0]) for v in value)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if isinstance(hint, type) and issubclass(hint, enum.Enum):
+        return isinstance(value, hint)
+    return isinstance(value, hint)
 
 
 @dataclass
 class SoftPromptConfig(PromptLearningConfig):
     """A soft prompt: `num_virtual_tokens` trainable vectors placed before the input.
 
-    Initialisation (`init`):
-      - ``"vocab"`` (default): embeddings of ids sampled without replacement from the first
-        `init_vocab_top_k` ids (Lester et al. sample the 5,000 most frequent), never special or added tokens.
+    `init` names an initialiser of `peft_softprompt_ext.initializers` (a registry; see there to add one):
+      - ``"vocab"`` (default): embeddings of ids sampled without replacement from the first `init_vocab_top_k` ids
+        (Lester et al. sample the 5,000 most frequent), never special or added tokens.
       - ``"text"``: the embeddings of `init_text` tokenised by `tokenizer` (object) or `tokenizer_name_or_path`;
         repeated when shorter than the prompt, truncated (with a warning) when longer.
       - ``"random"``: Gaussian matched to the embedding table's per-dimension mean and std.
@@ -40,9 +87,10 @@ class SoftPromptConfig(PromptLearningConfig):
     prompt's keys/values once per batch instead of once per row.
     """
 
-    init: str = field(default="vocab", metadata={"help": f"One of {INIT_METHODS}."})
+    num_virtual_tokens: int = field(default=20, metadata={"help": "Number of virtual tokens."})
+    init: str = field(default="vocab", metadata={"help": "An initialiser name (initializers.INITIALIZERS)."})
     init_text: str | None = field(default=None, metadata={"help": "Text whose embeddings start the prompt."})
-    tokenizer_name_or_path: str | None = field(default=None, metadata={"help": "Tokenizer for text init."})
+    tokenizer_name_or_path: str | None = field(default=None, metadata={"help": "Tokenizer for text init/decoding."})
     tokenizer_kwargs: dict | None = field(default=None, metadata={"help": "Kwargs for AutoTokenizer."})
     init_vocab_top_k: int | None = field(default=5000, metadata={"help": "Sample vocab init from the first K ids."})
     init_seed: int = field(default=0, metadata={"help": "Seed of vocab/random initialisation."})
@@ -56,41 +104,74 @@ class SoftPromptConfig(PromptLearningConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        from .registry import soft_prompt_peft_type
-
-        self.peft_type = soft_prompt_peft_type()
+        self.peft_type = _peft_patch.peft_type()
         self._strip_remote_code()
         self.validate()
 
     def _strip_remote_code(self) -> None:
         """A saved config must never make us execute code from the hub."""
-        if self.tokenizer_kwargs and self.tokenizer_kwargs.pop("trust_remote_code", None) is not None:
+        if isinstance(self.tokenizer_kwargs, dict) and self.tokenizer_kwargs.pop("trust_remote_code", None) is not None:
             logger.warning("Ignoring tokenizer_kwargs['trust_remote_code'] in SoftPromptConfig.")
 
-    def validate(self) -> None:
-        """Raise a ValueError naming the first field that is out of range."""
-        _require_positive_int("num_virtual_tokens", self.num_virtual_tokens)
-        if self.init not in INIT_METHODS:
-            raise ValueError(f"SoftPromptConfig.init must be one of {INIT_METHODS}, got {self.init!r}.")
-        _require_positive_int("init_vocab_top_k", self.init_vocab_top_k, allow_none=True)
+    @staticmethod
+    @functools.cache
+    def _hints() -> dict[str, Any]:
+        return typing.get_type_hints(SoftPromptConfig)
+
+    def _check_types(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name in _UNCHECKED or (value is None and f.default is None):
+                continue
+            hint = self._hints()[f.name]
+            if not _matches(value, hint):
+                raise ConfigError(
+                    f"SoftPromptConfig.{f.name} must be {_type_name(hint)}, got {value!r} ({type(value).__name__})."
+                )
+
+    def _check_ranges(self) -> None:
+        for name, limit in _POSITIVE.items():
+            value = getattr(self, name)
+            if value is None and name != "num_virtual_tokens":
+                continue
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ConfigError(f"SoftPromptConfig.{name} must be a positive integer, got {value!r}.")
+            if limit is not None and value > limit:
+                raise ConfigError(f"SoftPromptConfig.{name} must be at most {limit}, got {value}.")
+        if not 0 <= self.init_seed < 2**63:
+            raise ConfigError(f"SoftPromptConfig.init_seed must be in [0, 2**63), got {self.init_seed}.")
         if self.reparameterization not in REPARAMETERIZATIONS:
-            raise ValueError(
+            raise ConfigError(
                 f"SoftPromptConfig.reparameterization must be one of {REPARAMETERIZATIONS}, "
                 f"got {self.reparameterization!r}."
             )
-        _require_positive_int("residual_hidden_size", self.residual_hidden_size)
+
+    def _check_init(self) -> None:
+        if self.init not in INITIALIZERS:
+            raise ConfigError(f"SoftPromptConfig.init must be one of {sorted(INITIALIZERS)}, got {self.init!r}.")
+        method = INITIALIZERS[self.init]
+        for name in INIT_FIELDS:
+            if getattr(self, name) is not None and name not in method.accepts:
+                users = sorted(n for n, m in INITIALIZERS.items() if name in m.accepts)
+                raise ConfigError(
+                    f"SoftPromptConfig.{name} is only used by init in {users}, but init={self.init!r}; drop it."
+                )
         if self.inference_mode:
             return  # a loaded adapter is not initialised again: its init inputs need not be at hand
-        if self.init == "text":
-            if not self.init_text:
-                raise ValueError("SoftPromptConfig.init_text must be a non-empty string when init='text'.")
-            if self.tokenizer is None and not self.tokenizer_name_or_path:
-                raise ValueError(
-                    "SoftPromptConfig.init='text' needs a tokenizer: pass `tokenizer=` (object) or "
-                    "`tokenizer_name_or_path=`."
-                )
-        if self.init == "pretrained" and not self.init_from:
-            raise ValueError("SoftPromptConfig.init_from must name an adapter directory when init='pretrained'.")
+        for name in method.requires:
+            if not getattr(self, name):
+                raise ConfigError(f"SoftPromptConfig.{name} must be set (non-empty) when init={self.init!r}.")
+        if method.needs_tokenizer and self.tokenizer is None and not self.tokenizer_name_or_path:
+            raise ConfigError(
+                f"SoftPromptConfig.init={self.init!r} needs a tokenizer: pass `tokenizer=` (object) or "
+                "`tokenizer_name_or_path=`."
+            )
+
+    def validate(self) -> None:
+        """Raise a ConfigError (a ValueError) naming the first field of the wrong type or out of range."""
+        self._check_types()
+        self._check_ranges()
+        self._check_init()
 
     def to_dict(self) -> dict:
         """Like PEFT's, but the tokenizer object is replaced by its name (it can't go into JSON)."""
@@ -98,3 +179,14 @@ class SoftPromptConfig(PromptLearningConfig):
         if self.tokenizer is not None and not d.get("tokenizer_name_or_path"):
             d["tokenizer_name_or_path"] = getattr(self.tokenizer, "name_or_path", None) or None
         return d
+
+    @classmethod
+    def from_saved(cls, saved: dict[str, Any], **overrides: Any) -> SoftPromptConfig:
+        """A config from a saved ``adapter_config.json`` object; keys this version does not know are dropped
+        with a warning (an adapter saved by a newer version)."""
+        known = {f.name for f in fields(cls) if f.default is not MISSING or f.default_factory is not MISSING}
+        unknown = sorted(set(saved) - known - {"peft_type"})
+        if unknown:
+            logger.warning("Ignoring adapter config keys this version does not know: %s", unknown)
+        kwargs = {k: v for k, v in saved.items() if k in known}
+        return cls(**{**kwargs, **overrides})

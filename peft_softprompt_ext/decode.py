@@ -34,9 +34,11 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-logger = logging.getLogger(__name__)
+from .constants import METRICS
+from .distributed import full_shape, gathered_params
+from .vocab import load_tokenizer, special_token_ids
 
-METRICS = ("cosine", "l2", "dot")
+logger = logging.getLogger(__name__)
 _CHUNK_ELEMENTS = 1 << 24  # float32 elements of one table chunk (64 MiB): bounds the extra memory to O(chunk)
 
 
@@ -53,7 +55,7 @@ def _table_shape(embeddings: torch.Tensor | nn.Module) -> tuple[int, int]:
     weight = embeddings if isinstance(embeddings, torch.Tensor) else getattr(embeddings, "weight", None)
     if weight is None:
         raise TypeError(f"Expected an embedding matrix or a module with `.weight`, got {type(embeddings).__name__}.")
-    shape = getattr(weight, "ds_shape", weight.shape)
+    shape = full_shape(weight)
     if len(shape) != 2:
         raise ValueError(f"The embedding table must be 2-D [vocab, hidden], got shape {tuple(shape)}.")
     return int(shape[0]), int(shape[1])
@@ -74,8 +76,6 @@ def _lookup(embeddings: torch.Tensor | nn.Module, ids: torch.Tensor) -> torch.Te
 @contextlib.contextmanager
 def _gathered(embeddings: torch.Tensor | nn.Module) -> Iterator[None]:
     """Read-only gather of a ZeRO-3 partitioned table (no-op otherwise)."""
-    from .integrations import gathered_params
-
     weight = _weight_of(embeddings)
     with gathered_params([weight] if isinstance(weight, nn.Parameter) else []):
         yield
@@ -249,8 +249,6 @@ def decode_prompt(
     if tokenizer is not None:
         limit = _check_tokenizer(tokenizer, rows)
         if skip_special_tokens:
-            from .prompt import special_token_ids
-
             exclude |= special_token_ids(tokenizer)
     ids, scores = nearest_tokens(prompt, embeddings, metric, top_k, exclude, limit, chunk_size)
     tokens = text = None
@@ -279,8 +277,6 @@ def _config_tokenizer(model: nn.Module, name: str) -> Any:
     tokenizer = getattr(config, "tokenizer", None)
     path = getattr(config, "tokenizer_name_or_path", None)
     if tokenizer is None and path:
-        from .prompt import load_tokenizer
-
         try:
             tokenizer = load_tokenizer(path, getattr(config, "tokenizer_kwargs", None))
         except (OSError, ValueError) as err:
@@ -293,8 +289,6 @@ def _config_tokenizer(model: nn.Module, name: str) -> Any:
 def _excluded_ids(model: nn.Module, tokenizer: Any, skip_special_tokens: bool) -> set[int]:
     if not skip_special_tokens:
         return set()
-    from .prompt import special_token_ids
-
     return special_token_ids(tokenizer, getattr(model.base_model, "config", None))
 
 
@@ -355,8 +349,8 @@ def _override_prompt(model: nn.Module, name: str, transform: Callable[[torch.Ten
 def _forget_compiled_prompt(model: nn.Module, name: str) -> None:
     """Drop the model's compiled inference cache of this prompt: it is keyed on the encoder's parameters, which an
     override leaves untouched, so a cache built on one side of the override would be reused on the other."""
-    compiled = getattr(model, "_compiled", None)
-    if compiled is not None and hasattr(compiled, "discard"):
+    compiled = getattr(model, "compiled_prompts", None)
+    if compiled is not None:
         compiled.discard(name)
 
 

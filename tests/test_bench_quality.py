@@ -13,7 +13,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from peft_softprompt_ext.data import SUPERSENSE_LABELS
+from peft_softprompt_ext.app.data import SUPERSENSE_LABELS
 
 BENCH = os.path.join(os.path.dirname(os.path.dirname(__file__)), "benchmarks", "bench_quality.py")
 WORDS = [f"word{i}" for i in range(40)]

@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 
-from peft_softprompt_ext import bundled
+from peft_softprompt_ext.app import bundled
 
 MISSING = "peft_softprompt_ext_no_such_package"
 

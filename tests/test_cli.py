@@ -14,7 +14,7 @@ import pytest
 import tiny
 from conftest import make_tokenizer
 
-from peft_softprompt_ext import cli
+from peft_softprompt_ext.app import cli
 
 TINY_ARGS = ["--init", "vocab", "--steps", "2", "--batch-size", "2", "--no-progress", "--device", "cpu"]
 
@@ -43,15 +43,19 @@ def trained(tiny_model_dir, jsonl, tmp_path_factory):
 
 
 def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
-    code = cli.main(list(argv))
+    try:
+        code = cli.main(list(argv))
+    except SystemExit as exit_:  # argparse: usage errors
+        code = exit_.code
     captured = capsys.readouterr()
     return code, captured.out, captured.err
 
 
 def test_train_saves_adapter_and_reports(tiny_model_dir, jsonl, tmp_path, capsys):
     out = tmp_path / "a"
-    code, stdout, _ = run_cli(capsys, "train", "--model", tiny_model_dir, "--data", jsonl, "--out", str(out),
-                              "--num-tokens", "3", *TINY_ARGS)  # fmt: skip
+    code, stdout, _ = run_cli(
+        capsys, "train", "--model", tiny_model_dir, "--data", jsonl, "--out", str(out), "--num-tokens", "3", *TINY_ARGS
+    )
     assert code == 0
     assert {"adapter_config.json", "adapter_model.safetensors", "training_info.json"} <= set(os.listdir(out))
     assert "exact-match accuracy" in stdout and "before" in stdout and "after" in stdout
@@ -59,7 +63,7 @@ def test_train_saves_adapter_and_reports(tiny_model_dir, jsonl, tmp_path, capsys
     info = json.loads((out / "training_info.json").read_text())
     assert info["versions"]["peft"] and info["versions"]["transformers"] and info["versions"]["torch"]
     assert info["settings"]["steps"] == 2 and len(info["before"]) and info["after"]["n"] >= 1
-    assert not [p for p in os.listdir(tmp_path) if p.startswith(".")]  # no leftover temp dirs
+    assert not tiny.staging_leftovers(tmp_path)
 
 
 def test_info(trained, capsys):
@@ -76,9 +80,20 @@ def test_generate_single_and_mixed(trained, tiny_model_dir, capsys):
     code, stdout, _ = run_cli(capsys, "generate", "--adapter", trained, "--max-new-tokens", "3", "w5 w6", "w7")
     assert code == 0 and len(stdout.splitlines()) == 2
     code, stdout, _ = run_cli(
-        capsys, "generate", "--adapter", f"a={trained}", "--adapter", f"b={trained}", "--base", tiny_model_dir,
-        "--max-new-tokens", "3", "w5 w6", "@b w7", "@base w8",
-    )  # fmt: skip
+        capsys,
+        "generate",
+        "--adapter",
+        f"a={trained}",
+        "--adapter",
+        f"b={trained}",
+        "--base",
+        tiny_model_dir,
+        "--max-new-tokens",
+        "3",
+        "w5 w6",
+        "@b w7",
+        "@base w8",
+    )
     lines = stdout.splitlines()
     assert code == 0 and [line.split("]")[0] for line in lines] == ["[a", "[b", "[b", "[base"]
     assert lines[0].split("] ")[1:] == lines[1].split("] ")[1:]  # same prompt, same input: same greedy output
@@ -92,25 +107,26 @@ def test_decode_and_export_are_mounted(trained, tmp_path, capsys):
 
 
 @pytest.mark.parametrize(
-    "case, extra, message",
+    "case, extra, message, status",
     [
-        ("missing data", ["--data", "MISSING.jsonl"], "not found"),
-        ("malformed", ["--data", "BAD"], ":2: malformed JSON"),
-        ("empty", ["--data", "EMPTY"], "empty dataset"),
-        ("bad model", ["--model", "./no/such/model"], "model path not found"),
-        ("steps", ["--steps", "0"], "--steps must be > 0"),
-        ("lr", ["--lr", "0"], "--lr must be a positive number"),
-        ("tokens", ["--num-tokens", "-1"], "--num-tokens must be > 0"),
+        ("missing data", ["--data", "MISSING.jsonl"], "not found", 1),
+        ("malformed", ["--data", "BAD"], ":2: malformed JSON", 1),
+        ("empty", ["--data", "EMPTY"], "empty dataset", 1),
+        ("bad model", ["--model", "./no/such/model"], "model path not found", 1),
+        ("steps", ["--steps", "0"], "argument --steps: must be > 0", 2),
+        ("lr", ["--lr", "0"], "argument --lr: must be a positive number", 2),
+        ("tokens", ["--num-tokens", "-1"], "argument --num-tokens: must be > 0", 2),
+        ("too many tokens", ["--num-tokens", "100000000"], "--num-tokens must be at most 16384", 1),
     ],
 )
-def test_bad_input_one_line(case, extra, message, tiny_model_dir, jsonl, tmp_path, capsys):
+def test_bad_input_one_line(case, extra, message, status, tiny_model_dir, jsonl, tmp_path, capsys):
     files = {"MISSING.jsonl": tmp_path / "missing.jsonl", "BAD": tmp_path / "bad.jsonl", "EMPTY": tmp_path / "e.jsonl"}
     files["BAD"].write_text('{"input": "w5", "output": "w6"}\n{"input": oops}\n')
     files["EMPTY"].write_text("\n")
     extra = [str(files.get(a, a)) for a in extra]  # argparse keeps the last of a repeated option
     argv = ["train", "--out", str(tmp_path / "out"), "--model", tiny_model_dir, "--data", jsonl, *TINY_ARGS, *extra]
     code, stdout, stderr = run_cli(capsys, *argv)
-    assert code == 1, (case, stdout, stderr)
+    assert code == status, (case, stdout, stderr)
     assert len(stderr.strip().splitlines()) == 1 and message in stderr and "Traceback" not in stderr
     assert not (tmp_path / "out").exists()
 
@@ -143,8 +159,24 @@ def test_debug_shows_traceback(tmp_path, capsys):
 def test_ctrl_c_leaves_no_adapter(tiny_model_dir, jsonl, tmp_path):
     out = tmp_path / "runs" / "adapter"
     stderr_path = tmp_path / "stderr.txt"
-    argv = [sys.executable, "-m", "peft_softprompt_ext.cli", "train", "--model", tiny_model_dir, "--data", jsonl,
-            "--out", str(out), "--init", "vocab", "--steps", "1000000", "--device", "cpu"]  # fmt: skip
+    argv = [
+        sys.executable,
+        "-m",
+        "peft_softprompt_ext.app.cli",
+        "train",
+        "--model",
+        tiny_model_dir,
+        "--data",
+        jsonl,
+        "--out",
+        str(out),
+        "--init",
+        "vocab",
+        "--steps",
+        "1000000",
+        "--device",
+        "cpu",
+    ]
     with open(stderr_path, "w") as err:
         proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=err, text=True, env=_env())
         try:
@@ -169,19 +201,30 @@ def test_ctrl_c_leaves_no_adapter(tiny_model_dir, jsonl, tmp_path):
 @pytest.mark.slow
 def test_real_model_builtin_task(tmp_path, capsys):
     """The zero-argument path (bundled SmolLM2 + WordNet task), shrunk to 2 steps; then generate and info on it."""
-    pytest.importorskip("peft_softprompt_ext.bundled").smollm2_gguf_path()
-    from peft_softprompt_ext import data
+    pytest.importorskip("peft_softprompt_ext.app.bundled").smollm2_gguf_path()
+    from peft_softprompt_ext.app import data
 
     if not os.path.isfile(data.WORDNET_NOUN_PATH):
         pytest.skip("WordNet not installed (apt-get install wordnet-base)")
     out = tmp_path / "demo"
-    code, stdout, _ = run_cli(capsys, "train", "--out", str(out), "--steps", "2", "--batch-size", "2",
-                              "--eval-size", "6", "--no-progress")  # fmt: skip
+    code, stdout, _ = run_cli(
+        capsys, "train", "--out", str(out), "--steps", "2", "--batch-size", "2", "--eval-size", "6", "--no-progress"
+    )
     assert code == 0, stdout
     assert "label-ranking accuracy on 6 held-out examples" in stdout
     assert "hand-written instruction" in stdout and "soft prompt (20 virtual tokens, 2 steps)" in stdout
-    code, stdout, _ = run_cli(capsys, "generate", "--adapter", f"wn={out}", "--adapter", f"wn2={out}",
-                              "--max-new-tokens", "4", "@wn dog: a domestic canine", "@base What is 2+2?")  # fmt: skip
+    code, stdout, _ = run_cli(
+        capsys,
+        "generate",
+        "--adapter",
+        f"wn={out}",
+        "--adapter",
+        f"wn2={out}",
+        "--max-new-tokens",
+        "4",
+        "@wn dog: a domestic canine",
+        "@base What is 2+2?",
+    )
     lines = stdout.splitlines()
     assert code == 0 and lines[0].startswith("[wn] ") and lines[1].startswith("[base] ")
     code, stdout, _ = run_cli(capsys, "info", str(out))

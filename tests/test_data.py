@@ -8,8 +8,8 @@ import os
 
 import pytest
 
-from peft_softprompt_ext import data
-from peft_softprompt_ext.data import Example
+from peft_softprompt_ext.app import data
+from peft_softprompt_ext.app.data import Example
 
 needs_wordnet = pytest.mark.skipif(
     not os.path.isfile(data.WORDNET_NOUN_PATH),
@@ -156,7 +156,7 @@ def test_format_example_plain_and_chat():
 @pytest.mark.slow
 def test_supersense_label_tokens_with_smollm2():
     """Design assumption: class names are single SmolLM2 tokens. True with a leading space, except Tops."""
-    from peft_softprompt_ext.bundled import load_smollm2
+    from peft_softprompt_ext.app.bundled import load_smollm2
 
     _, tokenizer = load_smollm2()
     lengths = {lab: len(tokenizer.encode(" " + lab, add_special_tokens=False)) for lab in data.SUPERSENSE_LABELS}

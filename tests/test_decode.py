@@ -330,8 +330,9 @@ def test_evaluate_decoding_on_a_classifier_scores_the_class_logits(tokenizer):
     from transformers import LlamaForSequenceClassification
 
     base = tiny.build(LlamaForSequenceClassification, tiny.llama_config, num_labels=3)
-    config = SoftPromptConfig(task_type="SEQ_CLS", num_virtual_tokens=3, init="text", init_text="w5 w6 w7",
-                              tokenizer=tokenizer)
+    config = SoftPromptConfig(
+        task_type="SEQ_CLS", num_virtual_tokens=3, init="text", init_text="w5 w6 w7", tokenizer=tokenizer
+    )
     model = get_peft_model(base, config).eval()
     with torch.no_grad():
         model.prompt_encoder["default"].embedding.weight.add_(0.05)

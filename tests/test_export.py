@@ -3,7 +3,6 @@ safe output directories, and the decode/export CLI."""
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess
@@ -17,10 +16,8 @@ from peft import PeftModel, PromptTuningConfig, get_peft_model
 from safetensors.torch import load_file, save_file
 
 from peft_softprompt_ext import SoftPromptConfig, SoftPromptModelForCausalLM
-from peft_softprompt_ext.atomic import atomic_dir
-from peft_softprompt_ext.cli_decode import METRICS as CLI_METRICS
-from peft_softprompt_ext.cli_decode import add_decode_export_subparsers, main
-from peft_softprompt_ext.decode import METRICS
+from peft_softprompt_ext.app.cli import COMMANDS, main
+from peft_softprompt_ext.atomic import transaction
 from peft_softprompt_ext.export import (
     export_peft_prompt_tuning,
     export_prompt_embeds,
@@ -51,8 +48,9 @@ def load_base(base_dir):
 def trained_model(base_dir, tokenizer, residual: bool = False):
     """A soft prompt that is not any token sequence (and, for residual, not its raw parameters either)."""
     extra = {"reparameterization": "residual", "residual_hidden_size": 8} if residual else {}
-    config = SoftPromptConfig(task_type="CAUSAL_LM", num_virtual_tokens=P, init="text", init_text=TEXT,
-                              tokenizer=tokenizer, **extra)
+    config = SoftPromptConfig(
+        task_type="CAUSAL_LM", num_virtual_tokens=P, init="text", init_text=TEXT, tokenizer=tokenizer, **extra
+    )
     model = get_peft_model(load_base(base_dir), config)
     encoder = model.prompt_encoder["default"]
     with torch.no_grad():
@@ -104,11 +102,13 @@ def test_export_to_peft_loads_in_plain_peft_with_the_same_logits(base_dir, token
 
     ids = tiny.random_ids(2, 6)
     save_file({"input_ids": ids}, tmp_path / "io.safetensors")
-    code = VANILLA.format(base=base_dir, adapter=str(out), io=str(tmp_path / "io.safetensors"),
-                          out=str(tmp_path / "logits.safetensors"))
+    code = VANILLA.format(
+        base=base_dir, adapter=str(out), io=str(tmp_path / "io.safetensors"), out=str(tmp_path / "logits.safetensors")
+    )
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    result = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
-                            timeout=300, env=env)
+    result = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=300, env=env
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     theirs = load_file(tmp_path / "logits.safetensors")["logits"]
     assert theirs.shape == (2, P + 6, tiny.VOCAB), "PEFT's own prompt tuning returns P extra positions"
@@ -121,14 +121,17 @@ def test_export_sequence_classifier_keeps_its_head(tokenizer, tmp_path):
     def classifier():
         return tiny.build(LlamaForSequenceClassification, tiny.llama_config, num_labels=3)
 
-    config = SoftPromptConfig(task_type="SEQ_CLS", num_virtual_tokens=P, init="text", init_text=TEXT,
-                              tokenizer=tokenizer)
+    config = SoftPromptConfig(
+        task_type="SEQ_CLS", num_virtual_tokens=P, init="text", init_text=TEXT, tokenizer=tokenizer
+    )
     model = get_peft_model(classifier(), config)
     with torch.no_grad():
         model.base_model.score.modules_to_save["default"].weight.normal_()
     export_peft_prompt_tuning(model, tmp_path / "peft")
     assert sorted(load_file(tmp_path / "peft" / "adapter_model.safetensors")) == [
-        "base_model.score.weight", "prompt_embeddings"]
+        "base_model.score.weight",
+        "prompt_embeddings",
+    ]
     theirs = PeftModel.from_pretrained(classifier(), tmp_path / "peft")
     assert type(theirs).__name__ == "PeftModelForSequenceClassification"
     ids = tiny.random_ids(2, 5)
@@ -165,8 +168,13 @@ def test_round_trip_ours_peft_ours_keeps_the_prompt_exactly(base_dir, tokenizer,
 
 
 def test_peft_imports_that_would_change_the_model_are_refused(base_dir, tmp_path):
-    seq2seq = {"peft_type": "PROMPT_TUNING", "task_type": "SEQ_2_SEQ_LM", "num_virtual_tokens": P, "token_dim": 32,
-               "num_transformer_submodules": 2}
+    seq2seq = {
+        "peft_type": "PROMPT_TUNING",
+        "task_type": "SEQ_2_SEQ_LM",
+        "num_virtual_tokens": P,
+        "token_dim": 32,
+        "num_transformer_submodules": 2,
+    }
     (tmp_path / "s2s").mkdir()
     (tmp_path / "s2s" / "adapter_config.json").write_text(json.dumps(seq2seq))
     save_file({"prompt_embeddings": torch.zeros(2 * P, 32)}, tmp_path / "s2s" / "adapter_model.safetensors")
@@ -176,7 +184,7 @@ def test_peft_imports_that_would_change_the_model_are_refused(base_dir, tmp_path
     (tmp_path / "pickled").mkdir()
     (tmp_path / "pickled" / "adapter_config.json").write_text(json.dumps({**seq2seq, "num_transformer_submodules": 1}))
     (tmp_path / "pickled" / "adapter_model.bin").write_bytes(b"not loaded")
-    with pytest.raises(FileNotFoundError, match="never pickle"):
+    with pytest.raises(FileNotFoundError, match="a pickle, which is never loaded"):
         import_peft_prompt_tuning(tmp_path / "pickled", tmp_path / "out")
     with pytest.raises(ValueError, match="expected SOFT_PROMPT"):
         export_peft_prompt_tuning(tmp_path / "s2s", tmp_path / "out")
@@ -209,16 +217,21 @@ def test_outputs_never_overwrite_unless_asked_and_are_atomic(base_dir, tokenizer
         export_peft_prompt_tuning(model, out)
     with pytest.raises(FileExistsError, match="not empty"):
         export_prompt_embeds(model, out)
+    with pytest.raises(ValueError, match="not an adapter directory"):  # --overwrite never replaces foreign data
+        export_peft_prompt_tuning(model, out, overwrite=True)
     assert os.listdir(out) == ["keep.txt"]
     (tmp_path / "empty").mkdir()
     export_prompt_embeds(model, tmp_path / "empty")  # an empty directory is fine
-    export_peft_prompt_tuning(model, out, overwrite=True)
-    assert sorted(os.listdir(out)) == ["adapter_config.json", "adapter_model.safetensors"]
-    with pytest.raises(RuntimeError, match="boom"), atomic_dir(tmp_path / "failed") as tmp:
+    export_prompt_embeds(model, tmp_path / "empty", overwrite=True)  # and an export of ours may be replaced
+    export_peft_prompt_tuning(model, tmp_path / "peft")
+    (tmp_path / "peft" / "stale.txt").write_text("from an older export")
+    export_peft_prompt_tuning(model, tmp_path / "peft", overwrite=True)
+    assert sorted(os.listdir(tmp_path / "peft")) == ["adapter_config.json", "adapter_model.safetensors"]
+    with pytest.raises(RuntimeError, match="boom"), transaction(tmp_path / "failed") as tmp:
         (open(os.path.join(tmp, "partial"), "w")).close()
         raise RuntimeError("boom")
     assert not (tmp_path / "failed").exists()
-    assert not [n for n in os.listdir(tmp_path) if n.startswith(".")], "no temporary directories left behind"
+    assert not tiny.staging_leftovers(tmp_path), "no temporary directories left behind"
     (tmp_path / "a_file").write_text("x")
     with pytest.raises(FileExistsError, match="not a directory"):
         export_prompt_embeds(model, tmp_path / "a_file", overwrite=True)
@@ -233,17 +246,18 @@ def test_cli_decode_prints_the_table(base_dir, tokenizer, tmp_path, capsys):
     assert main(["decode", str(tmp_path / "adapter")]) == 0  # base (and its tokenizer) from the adapter config
     printed = capsys.readouterr().out
     assert "top 5 by cosine" in printed and "top-5" in printed and f"text: {TEXT!r}" in printed
-    assert main(["decode", str(tmp_path / "adapter"), "--base", base_dir, "--metric", "l2", "--top-k", "2",
-                 "--json"]) == 0
+    assert (
+        main(["decode", str(tmp_path / "adapter"), "--base", base_dir, "--metric", "l2", "--top-k", "2", "--json"]) == 0
+    )
     decoded = json.loads(capsys.readouterr().out)
     assert decoded["metric"] == "l2" and [row[0] for row in decoded["token_ids"]] == [10, 41, 7, 93]
     assert len(decoded["token_ids"][0]) == 2
-    with pytest.raises(SystemExit, match=r"top_k must be an integer in \[1, 92\]"):
-        main(["decode", str(tmp_path / "adapter"), "--top-k", "0"])
-    with pytest.raises(SystemExit) as exc:
-        main(["decode", str(tmp_path / "adapter"), "--metric", "euclid"])
-    assert exc.value.code == 2 and "invalid choice" in capsys.readouterr().err
-    assert CLI_METRICS == METRICS
+    for bad, message in ((["--top-k", "0"], "must be > 0"), (["--metric", "euclid"], "invalid choice")):
+        with pytest.raises(SystemExit) as exc:  # usage errors, before any model is loaded
+            main(["decode", str(tmp_path / "adapter"), *bad])
+        assert exc.value.code == 2 and message in capsys.readouterr().err
+    assert main(["decode", str(tmp_path / "adapter"), "--top-k", "1000"]) == 1
+    assert "exceeds the 92 candidate tokens" in capsys.readouterr().err
 
 
 def test_cli_export_and_mounting(base_dir, tokenizer, tmp_path, capsys):
@@ -251,19 +265,16 @@ def test_cli_export_and_mounting(base_dir, tokenizer, tmp_path, capsys):
     model.save_pretrained(tmp_path / "adapter")
     assert main(["export", str(tmp_path / "adapter"), "--to", "peft", str(tmp_path / "peft")]) == 0
     assert capsys.readouterr().out.strip() == str(tmp_path / "peft")
-    with pytest.raises(SystemExit, match="not empty"):
-        main(["export", str(tmp_path / "adapter"), "--to", "peft", str(tmp_path / "peft")])
+    assert main(["export", str(tmp_path / "adapter"), "--to", "peft", str(tmp_path / "peft")]) == 1
+    assert "not empty" in capsys.readouterr().err
     assert main(["export", str(tmp_path / "adapter"), "--to", "peft", str(tmp_path / "peft"), "--overwrite"]) == 0
-    assert main(["export", str(tmp_path / "adapter"), "--to", "embeds", str(tmp_path / "emb"), "--dtype",
-                 "float16"]) == 0
+    assert (
+        main(["export", str(tmp_path / "adapter"), "--to", "embeds", str(tmp_path / "emb"), "--dtype", "float16"]) == 0
+    )
     assert load_prompt_embeds(tmp_path / "emb")[0].dtype == torch.float16
     assert main(["export", str(tmp_path / "peft"), "--to", "softprompt", str(tmp_path / "back")]) == 0
     back = load_file(tmp_path / "back" / "adapter_model.safetensors")["prompt_embeddings"]
     assert torch.equal(back, model.prompt_embeddings().detach())
     assert main(["decode", str(tmp_path / "peft"), "--top-k", "1"]) == 0  # PEFT dirs decode too
     assert f"text: {TEXT!r}" in capsys.readouterr().out
-
-    parser = argparse.ArgumentParser(prog="softprompt")  # how the CLI owner mounts the two commands
-    add_decode_export_subparsers(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(["export", "adapter", "--to", "embeds", "out"])
-    assert args.func.__name__ == "export_command" and args.to == "embeds" and not args.overwrite
+    assert set(COMMANDS) == {"train", "generate", "info", "decode", "export"}

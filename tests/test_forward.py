@@ -8,7 +8,7 @@ import torch
 from peft import get_peft_model
 from torch.nn import functional as F
 
-from peft_softprompt_ext import SoftPromptConfig
+from peft_softprompt_ext import ExecutionPath, SoftPromptConfig
 
 P = 4
 DECODERS = list(tiny.CAUSAL_LM)
@@ -97,24 +97,42 @@ def test_prefix_kv_gradients_equal_concatenation(arch):
     torch.testing.assert_close(grad_kv, grad_cat, rtol=1e-5, atol=1e-7)
 
 
+def _attention_calls(model) -> list[int]:
+    """Counts calls of the first layer's attention: a checkpointed layer runs it again in backward."""
+    calls = [0]
+    attention = next(m for n, m in model.get_base_model().named_modules() if n.endswith(("self_attn", ".attn")))
+    attention.register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    return calls
+
+
+@pytest.mark.parametrize("reentrant", [False, True], ids=["non_reentrant", "reentrant"])
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
-def test_gradient_checkpointing_gives_same_prompt_gradients(arch):
+def test_gradient_checkpointing_gives_same_prompt_gradients(arch, reentrant):
     ids = tiny.random_ids(2, 6)
     plain = _prompt_grad(make(arch), ids)
     model = make(arch)
-    model.get_base_model().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    torch.testing.assert_close(_prompt_grad(model, ids), plain, rtol=1e-5, atol=1e-7)
-
-
-def test_prefix_path_taken_for_decoders_and_fallback_for_checkpointing():
-    model = make("llama")
-    assert model._use_prefix_kv()
-    model.get_base_model().gradient_checkpointing_enable()
+    model.get_base_model().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
     model.train()
-    assert not model._use_prefix_kv()
+    expected = ExecutionPath.CONCAT if reentrant else ExecutionPath.PREFIX_KV
+    assert model.execution_path is expected
+    calls = _attention_calls(model)
+    torch.testing.assert_close(_prompt_grad(model, ids), plain, rtol=1e-5, atol=1e-7)
+    # checkpointing really ran: forward + recompute (+ the prompt's own batch-1 forward on the shared path)
+    assert calls[0] == (2 if reentrant else 3)
+
+
+def test_execution_path_is_public_and_follows_the_model_state():
+    model = make("llama")
+    assert model.execution_path is ExecutionPath.PREFIX_KV
+    model.get_base_model().gradient_checkpointing_enable()  # transformers' default: non-reentrant
+    model.train()
+    assert model.execution_path is ExecutionPath.PREFIX_KV
+    model.get_base_model().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    assert model.execution_path is ExecutionPath.CONCAT
     model.eval()
     with torch.no_grad():
-        assert model._use_prefix_kv()
+        assert model.execution_path is ExecutionPath.PREFIX_KV
+    assert make("llama", shared_prompt_kv=False).execution_path is ExecutionPath.CONCAT
 
 
 def test_bf16_base_with_fp32_prompt_trains_and_generates():

@@ -38,7 +38,7 @@ def test_text_init_with_tokenizer_path_repeats_and_logs(tokenizer_dir, caplog):
         init_text="</s> w7 w8",
         tokenizer_name_or_path=tokenizer_dir,
     )
-    with caplog.at_level(logging.INFO, logger="peft_softprompt_ext.prompt"):
+    with caplog.at_level(logging.INFO, logger="peft_softprompt_ext.initializers"):
         prompt, table = prompt_of(config)
     assert rows_of(table, prompt) == [7, 8, 7, 8, 7], "special tokens are excluded, the rest repeated"
     assert "repeating" in caplog.text
@@ -48,7 +48,7 @@ def test_text_init_truncates_with_warning(tokenizer, caplog):
     config = SoftPromptConfig(
         task_type="CAUSAL_LM", num_virtual_tokens=2, init="text", init_text="w20 w21 w22 w23", tokenizer=tokenizer
     )
-    with caplog.at_level(logging.WARNING, logger="peft_softprompt_ext.prompt"):
+    with caplog.at_level(logging.WARNING, logger="peft_softprompt_ext.initializers"):
         prompt, table = prompt_of(config)
     assert rows_of(table, prompt) == [20, 21]
     assert any(r.levelno == logging.WARNING and "truncating" in r.message for r in caplog.records)
@@ -130,9 +130,9 @@ def test_pretrained_init_with_other_hidden_size_is_an_error(tmp_path):
         ({"num_virtual_tokens": 0}, "num_virtual_tokens must be a positive integer"),
         ({"num_virtual_tokens": -3}, "num_virtual_tokens must be a positive integer"),
         ({"num_virtual_tokens": 4, "init": "gaussian"}, "init must be one of"),
-        ({"num_virtual_tokens": 4, "init": "text"}, "init_text must be a non-empty string"),
+        ({"num_virtual_tokens": 4, "init": "text"}, "init_text must be set"),
         ({"num_virtual_tokens": 4, "init": "text", "init_text": "hi"}, "needs a tokenizer"),
-        ({"num_virtual_tokens": 4, "init": "pretrained"}, "init_from must name"),
+        ({"num_virtual_tokens": 4, "init": "pretrained"}, "init_from must be set"),
         ({"num_virtual_tokens": 4, "init_vocab_top_k": 0}, "init_vocab_top_k must be a positive integer"),
         ({"num_virtual_tokens": 4, "reparameterization": "mlp"}, "reparameterization must be one of"),
     ],

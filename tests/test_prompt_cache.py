@@ -50,7 +50,7 @@ def test_compiled_cache_is_used_and_equals_uncached(arch):
     ids = tiny.random_ids(2, 6)
     with torch.no_grad():
         compiled = model(input_ids=ids).logits
-    assert "default" in model._compiled
+    assert "default" in model.compiled_prompts
     torch.testing.assert_close(compiled, uncached_logits(model, ids), atol=1e-6, rtol=0)
     with torch.no_grad():
         generated = model.generate(input_ids=ids, max_new_tokens=5, do_sample=False)
@@ -65,7 +65,7 @@ def test_training_step_never_serves_a_stale_cache():
         before = model(input_ids=ids).logits
     optimizer = torch.optim.SGD([model.prompt_encoder["default"].embedding.weight], lr=50.0)
     model.train()
-    assert len(model._compiled) == 0, "train() frees compiled caches"
+    assert len(model.compiled_prompts) == 0, "train() frees compiled caches"
     model(input_ids=ids, labels=ids).loss.backward()
     optimizer.step()
     model.eval()
@@ -98,9 +98,9 @@ def test_reload_and_delete_invalidate_and_release(tmp_path):
         for name in ("default", "b", "c"):
             model.set_adapter(name)
             model(input_ids=ids)
-    assert len(model._compiled) == 3
+    assert len(model.compiled_prompts) == 3
     model.delete_adapter("c")
-    assert "c" not in model._compiled and len(model._compiled) == 2
+    assert "c" not in model.compiled_prompts and len(model.compiled_prompts) == 2
     model.delete_adapter("b")
     model.load_adapter(str(tmp_path), adapter_name="b")
     model.set_adapter("b")
@@ -110,14 +110,14 @@ def test_reload_and_delete_invalidate_and_release(tmp_path):
 
 def test_compiled_cache_memory_is_bounded():
     model = make()
-    model._compiled.max_entries = 2
+    model.compiled_prompts.max_entries = 2
     for i in range(4):
         model.add_adapter(f"a{i}", SoftPromptConfig(task_type="CAUSAL_LM", num_virtual_tokens=3))
     ids = tiny.random_ids(1, 4)
     with torch.no_grad():
         for i in range(4):
             model(input_ids=ids, adapter_names=[f"a{i}"])
-    assert len(model._compiled) == 2 and "a3" in model._compiled and "a0" not in model._compiled
+    assert len(model.compiled_prompts) == 2 and "a3" in model.compiled_prompts and "a0" not in model.compiled_prompts
 
 
 def rows_alone(model, ids, mask, names):

@@ -27,7 +27,7 @@ def test_two_commands_match_ci_and_setup():
 
 
 def test_cli_reference_matches_parser():
-    from peft_softprompt_ext import cli
+    from peft_softprompt_ext.app import cli
 
     parser = cli.build_parser()
     commands = parser._subparsers._group_actions[0].choices  # noqa: SLF001  (argparse has no public accessor)
@@ -44,7 +44,7 @@ def test_cli_reference_matches_parser():
 
 
 def test_documented_defaults_match_code():
-    from peft_softprompt_ext.train import TrainSettings
+    from peft_softprompt_ext.app.recipe import TrainSettings
 
     d = TrainSettings(out="")
     row = lambda flag: next(line for line in README.splitlines() if line.startswith(f"| `{flag}"))  # noqa: E731
@@ -55,7 +55,7 @@ def test_documented_defaults_match_code():
 @pytest.mark.slow
 def test_python_snippets_run(tmp_path, monkeypatch):
     """Loads the bundled SmolLM2 (hence slow) and trains two steps; all blocks share one namespace."""
-    pytest.importorskip("peft_softprompt_ext.bundled").smollm2_gguf_path()
+    pytest.importorskip("peft_softprompt_ext.app.bundled").smollm2_gguf_path()
     blocks = python_blocks(README)
     assert len(blocks) >= 3
     monkeypatch.chdir(tmp_path)

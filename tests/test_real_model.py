@@ -15,7 +15,7 @@ from peft import get_peft_model
 from peft_softprompt_ext import SoftPromptConfig
 
 pytestmark = pytest.mark.slow
-bundled = pytest.importorskip("peft_softprompt_ext.bundled")
+bundled = pytest.importorskip("peft_softprompt_ext.app.bundled")
 
 QUESTIONS = [
     ("What is the capital of France?", "Paris"),
@@ -88,7 +88,7 @@ def test_train_save_reload_in_fresh_process_generates_identically(smollm2, tmp_p
     script = f"""
         import torch, peft_softprompt_ext
         from peft import PeftModel
-        from peft_softprompt_ext.bundled import load_smollm2
+        from peft_softprompt_ext.app.bundled import load_smollm2
         base, _ = load_smollm2()
         data = torch.load({str(tmp_path / "expected.pt")!r})
         model = PeftModel.from_pretrained(base, {str(tmp_path / "adapter")!r}).eval()

@@ -13,15 +13,14 @@ import tiny
 from peft import PeftModel, PeftModelForCausalLM, PeftType, get_peft_model
 from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
 
-import peft_softprompt_ext
-from peft_softprompt_ext import SoftPromptConfig, SoftPromptModelForCausalLM, registry
+from peft_softprompt_ext import SoftPromptConfig, SoftPromptModelForCausalLM, _peft_patch
 
 
 def test_import_registers_the_type():
     assert PeftType.SOFT_PROMPT.value == "SOFT_PROMPT"
     assert PEFT_TYPE_TO_CONFIG_MAPPING["SOFT_PROMPT"] is SoftPromptConfig
     assert SoftPromptConfig(task_type="CAUSAL_LM", num_virtual_tokens=2).peft_type is PeftType.SOFT_PROMPT
-    peft_softprompt_ext.register()  # idempotent
+    _peft_patch.install(_peft_patch._wiring[0])  # idempotent
     assert list(PeftType).count(PeftType.SOFT_PROMPT) == 1
 
 
@@ -86,6 +85,6 @@ def test_peft_own_methods_behave_exactly_as_before(tmp_path):
 
 
 def test_missing_peft_internals_raise_a_clear_error(monkeypatch):
-    monkeypatch.setattr(registry, "_REQUIRED_INTERNALS", registry._REQUIRED_INTERNALS + ("peft.no_such_mapping",))
-    with pytest.raises(registry.PeftIncompatibleError, match=r"peft.no_such_mapping.*tested with peft"):
-        registry.check_peft_version()
+    monkeypatch.setattr(_peft_patch, "_REQUIRED_INTERNALS", _peft_patch._REQUIRED_INTERNALS + ("peft.no_such_mapping",))
+    with pytest.raises(_peft_patch.PeftIncompatibleError, match=r"peft.no_such_mapping.*tested with peft"):
+        _peft_patch.check_peft_version()

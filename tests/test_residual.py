@@ -50,9 +50,12 @@ def logits(model, ids, mask=None) -> torch.Tensor:
 def test_residual_starts_at_its_initialisation_and_trains_mlp_and_prompt():
     torch.manual_seed(0)
     config = SoftPromptConfig(
-        task_type="CAUSAL_LM", num_virtual_tokens=P, init="random", reparameterization="residual",
+        task_type="CAUSAL_LM",
+        num_virtual_tokens=P,
+        init="random",
+        reparameterization="residual",
         residual_hidden_size=HIDDEN,
-    )  # fmt: skip
+    )
     model = get_peft_model(tiny.causal_lm("llama"), config)
     encoder = model.prompt_encoder["default"]
     torch.testing.assert_close(encoder().detach(), encoder.embedding.weight.detach())  # zero-initialised up-proj

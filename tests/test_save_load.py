@@ -181,7 +181,7 @@ def test_adapter_dir_without_safetensors_never_loads_pickle(tmp_path):
     os.remove(tmp_path / "adapter_model.safetensors")
     marker = tmp_path / "unpickled"
     torch.save(state, tmp_path / "adapter_model.bin")
-    with pytest.raises(FileNotFoundError, match="never from pickle"):
+    with pytest.raises(FileNotFoundError, match="a pickle, which is never loaded"):
         PeftModel.from_pretrained(tiny.causal_lm("llama"), tmp_path)
     assert not marker.exists()
 
@@ -199,7 +199,7 @@ def test_trust_remote_code_in_saved_config_is_ignored(tmp_path):
 def test_saved_prompt_shape_mismatch_is_an_error(tmp_path):
     trained().save_pretrained(tmp_path)
     save_file({"prompt_embeddings": torch.zeros(P + 1, 32)}, tmp_path / "adapter_model.safetensors")
-    with pytest.raises(ValueError, match=r"shape \(5, 32\).*expects \(4, 32\)"):
+    with pytest.raises(ValueError, match=r"shape \(5, 32\).*\(4, 32\)"):
         PeftModel.from_pretrained(tiny.causal_lm("llama"), tmp_path)
 
 

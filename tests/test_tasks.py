@@ -14,7 +14,7 @@ from peft import (
 )
 from torch.nn import functional as F
 
-from peft_softprompt_ext import SoftPromptConfig
+from peft_softprompt_ext import ExecutionPath, SoftPromptConfig
 
 P = 3
 
@@ -93,12 +93,12 @@ def test_feature_extraction():
     reference = manual_concat(model, ids, attention_mask=full_mask).last_hidden_state[:, P:]
     real = mask.bool()  # outputs at pad positions carry no meaning
     torch.testing.assert_close(out.last_hidden_state[real], reference[real], atol=1e-5, rtol=1e-5)
-    assert not model._use_prefix_kv(), "an encoder must fall back to concatenation"
+    assert model.execution_path is ExecutionPath.CONCAT, "an encoder must fall back to concatenation"
 
 
 def test_seq2seq():
     model = wrap(tiny.t5(), "SEQ_2_SEQ_LM")
-    assert isinstance(model, PeftModelForSeq2SeqLM) and not model._use_prefix_kv()
+    assert isinstance(model, PeftModelForSeq2SeqLM) and model.execution_path is ExecutionPath.CONCAT
     ids, labels = tiny.random_ids(2, 6), tiny.random_ids(2, 4, seed=5)
     out = model(input_ids=ids, labels=labels)
     assert out.logits.shape == (2, 4, tiny.VOCAB) and out.encoder_last_hidden_state.shape == (2, 6, 32)

@@ -212,3 +212,10 @@ def train_steps(model, steps: int, lr: float = 0.05) -> None:
         optimizer.step()
         optimizer.zero_grad()
     model.eval()
+
+
+def staging_leftovers(directory) -> list[str]:
+    """Hidden entries a write left in `directory`, other than the (permanent, empty) lock files."""
+    import os
+
+    return sorted(n for n in os.listdir(directory) if n.startswith(".") and not n.endswith(".lock"))

@@ -92,9 +92,16 @@ def launch(
 ) -> Launch:
     """Run `workers/<script>` on `nproc` ranks; each rank writes `<out_dir>/rank<r>.json`."""
     return launch_file(
-        WORKERS / script, "--out", str(out_dir), *args, out_dir=out_dir, nproc=nproc, timeout_s=timeout_s,
-        pg_timeout_s=pg_timeout_s, env=env,
-    )  # fmt: skip
+        WORKERS / script,
+        "--out",
+        str(out_dir),
+        *args,
+        out_dir=out_dir,
+        nproc=nproc,
+        timeout_s=timeout_s,
+        pg_timeout_s=pg_timeout_s,
+        env=env,
+    )
 
 
 def launch_file(
@@ -110,11 +117,18 @@ def launch_file(
     A port taken by someone else between `free_port()` and torchrun's bind gets one retry on a new port."""
     for attempt in range(2):
         cmd = [
-            sys.executable, "-m", "torch.distributed.run",
-            f"--nproc_per_node={nproc}", "--nnodes=1", "--max_restarts=0", "--monitor_interval=0.5",
-            "--master_addr=127.0.0.1", f"--master_port={free_port()}",
-            str(path), *args,
-        ]  # fmt: skip
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            f"--nproc_per_node={nproc}",
+            "--nnodes=1",
+            "--max_restarts=0",
+            "--monitor_interval=0.5",
+            "--master_addr=127.0.0.1",
+            f"--master_port={free_port()}",
+            str(path),
+            *args,
+        ]
         result = _run(cmd, out_dir, timeout_s, worker_env(pg_timeout_s, env), nproc)
         if result.returncode == 0 or "Address already in use" not in result.output or attempt:
             return result

@@ -20,10 +20,28 @@ def test_example_trains_on_two_cpu_ranks_and_saves_a_loadable_adapter(tmp_path):
     out = tmp_path / "run"
     result = launch_file(
         REPO / "examples" / "train_causal_lm.py",
-        "--model", "tiny", "--output-dir", str(out), "--max-steps", "6", "--n-train", "64", "--n-eval", "16",
-        "--eval-steps", "3", "--decode-every", "3", "--batch-size", "4", "--num-virtual-tokens", "8", "--cpu",
-        out_dir=tmp_path, timeout_s=300,
-    ).check()  # fmt: skip
+        "--model",
+        "tiny",
+        "--output-dir",
+        str(out),
+        "--max-steps",
+        "6",
+        "--n-train",
+        "64",
+        "--n-eval",
+        "16",
+        "--eval-steps",
+        "3",
+        "--decode-every",
+        "3",
+        "--batch-size",
+        "4",
+        "--num-virtual-tokens",
+        "8",
+        "--cpu",
+        out_dir=tmp_path,
+        timeout_s=300,
+    ).check()
     state = json.loads((out / "checkpoint-6" / "trainer_state.json").read_text())
     assert state["log_history"][-1]["epoch"] == pytest.approx(0.75)  # 6 steps x 4 rows x 2 ranks of 64 examples
     decoded = [json.loads(line) for line in (out / "decoded_prompt.jsonl").read_text().splitlines()]

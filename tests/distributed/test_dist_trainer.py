@@ -11,7 +11,7 @@ import torch
 from dist_launch import launch
 from safetensors.torch import load_file
 
-from peft_softprompt_ext.integrations import last_complete_checkpoint
+from peft_softprompt_ext.trainer import last_complete_checkpoint
 
 pytestmark = pytest.mark.slow
 

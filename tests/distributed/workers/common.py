@@ -24,10 +24,18 @@ def tiny_llama_config(hidden: int = 32, vocab: int = VOCAB):
     from transformers import LlamaConfig
 
     return LlamaConfig(
-        hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, vocab_size=vocab, max_position_embeddings=128, pad_token_id=0, bos_token_id=1,
-        eos_token_id=2, tie_word_embeddings=False,
-    )  # fmt: skip
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=vocab,
+        max_position_embeddings=128,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        tie_word_embeddings=False,
+    )
 
 
 def tiny_llama(seed: int = 0, hidden: int = 32, vocab: int = VOCAB):
@@ -69,7 +77,7 @@ def global_batches(steps: int, rows: int, length: int = 12, seed: int = 1) -> li
 
 
 def prompt_of(model) -> torch.Tensor:
-    from peft_softprompt_ext.integrations import unwrap_soft_prompt_model
+    from peft_softprompt_ext.trainer import unwrap_soft_prompt_model
 
     inner = unwrap_soft_prompt_model(model)
     return inner.prompt_encoder[inner.active_adapter].embedding.weight.detach().float().cpu().clone()

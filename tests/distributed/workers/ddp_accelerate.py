@@ -19,7 +19,7 @@ from common import global_batches, pg_timeout, prompt_of, soft_prompt_model, wri
 from safetensors.torch import load_file
 from torch.nn.parallel import DistributedDataParallel
 
-from peft_softprompt_ext.integrations import save_adapter
+from peft_softprompt_ext.trainer import save_adapter
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--out", required=True)
@@ -70,8 +70,15 @@ saved = {
     for name in ("rank0_only", "all_ranks")
 }
 write_result(
-    args.out, rank, world=world, wrapped=type(model).__name__, losses=losses, prompt=prompt.tolist(),
-    initial=initial.tolist(), saved=saved, pid=os.getpid(),
-)  # fmt: skip
+    args.out,
+    rank,
+    world=world,
+    wrapped=type(model).__name__,
+    losses=losses,
+    prompt=prompt.tolist(),
+    initial=initial.tolist(),
+    saved=saved,
+    pid=os.getpid(),
+)
 accelerator.end_training()
 sys.exit(0)

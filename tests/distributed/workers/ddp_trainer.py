@@ -18,7 +18,7 @@ from common import VOCAB, global_batches, pg_timeout, prompt_of, soft_prompt_mod
 from torch.nn.parallel import DistributedDataParallel
 from transformers import Trainer, TrainerCallback, TrainingArguments, default_data_collator
 
-from peft_softprompt_ext.integrations import DecodedPromptCallback
+from peft_softprompt_ext.trainer import DecodedPromptCallback
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--out", required=True)

@@ -35,8 +35,8 @@ from common import (
 )
 from safetensors.torch import load_file
 
-from peft_softprompt_ext.integrations import (
-    PromptShardedError,
+from peft_softprompt_ext.distributed import PromptShardedError
+from peft_softprompt_ext.trainer import (
     decoded_prompt_tokens,
     gather_prompt_weight,
     save_adapter,
@@ -126,8 +126,10 @@ def run(mode: str) -> dict:
     if init_kind(mode) == "text":
         ids = tok(INIT_TEXT, add_special_tokens=False)["input_ids"]
     else:  # vocab init: each row must be some non-special row of the gathered table
-        ids = [int((full_table == row).all(-1).nonzero()[0, 0]) if (full_table == row).all(-1).any() else -1
-               for row in initial]  # fmt: skip
+        ids = [
+            int((full_table == row).all(-1).nonzero()[0, 0]) if (full_table == row).all(-1).any() else -1
+            for row in initial
+        ]
     expected_init = full_table[ids].clone()
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-2, weight_decay=0.0)

@@ -17,8 +17,8 @@ import torch.distributed as dist
 from common import global_batches, pg_timeout, prompt_of, soft_prompt_model, train_reference, write_result
 from safetensors.torch import load_file
 
-from peft_softprompt_ext.integrations import (
-    PromptShardedError,
+from peft_softprompt_ext.distributed import PromptShardedError
+from peft_softprompt_ext.trainer import (
     fsdp_auto_wrap_policy,
     fully_shard_soft_prompt_model,
     gather_prompt_weight,

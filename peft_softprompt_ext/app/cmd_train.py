@@ -1,0 +1,96 @@
+"""``softprompt train``: tune a soft prompt on a causal LM, evaluate before and after, save the adapter."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from ..initializers import INITIALIZERS
+from .common import positive_float, positive_int
+from .recipe import TrainResult, TrainSettings, train
+
+PROG = "softprompt"
+CLI_INITS = tuple(name for name in INITIALIZERS if name != "pretrained")  # "pretrained" needs --init-from: Python API
+
+
+def add_parser(subparsers: Any) -> None:
+    d = TrainSettings(out="")
+    p = subparsers.add_parser(
+        "train",
+        help="Tune a soft prompt; evaluate before and after; save the adapter.",
+        description="Tune a soft prompt on a causal LM. With only --out: the bundled SmolLM2-135M-Instruct on the "
+        "built-in WordNet supersense task, scored by label ranking; with --data: your JSONL, scored by exact match "
+        "of greedy generation.",
+    )
+    p.add_argument("--out", required=True, help="Adapter directory to write (must be missing or empty).")
+    p.add_argument("--model", help="Base model: local folder or hub id (default: bundled SmolLM2-135M-Instruct).")
+    p.add_argument(
+        "--data", help='Training JSONL: one {"input": ..., "output": ...} per line (default: built-in task).'
+    )
+    p.add_argument("--eval-data", help="Held-out JSONL (default: up to --eval-size examples split off --data).")
+    p.add_argument("--instruction", help="Text placed before every input of --data (before and after tuning).")
+    p.add_argument("--num-tokens", type=positive_int, default=d.num_tokens, help=f"Virtual tokens ({d.num_tokens}).")
+    p.add_argument("--init", choices=CLI_INITS, default=d.init, help=f"Initialisation (default {d.init}).")
+    p.add_argument("--init-text", help="Text for --init text (default: a description of the task).")
+    p.add_argument("--lr", type=positive_float, default=d.lr, help=f"AdamW learning rate (default {d.lr}).")
+    p.add_argument("--steps", type=positive_int, default=d.steps, help=f"Optimizer steps (default {d.steps}).")
+    p.add_argument("--batch-size", type=positive_int, default=d.batch_size, help=f"Examples per step ({d.batch_size}).")
+    p.add_argument("--eval-size", type=positive_int, default=d.eval_size, help=f"Held-out examples ({d.eval_size}).")
+    p.add_argument(
+        "--max-input-tokens",
+        type=positive_int,
+        default=d.max_input_tokens,
+        help=f"Cut longer inputs to this many tokens (default {d.max_input_tokens}).",
+    )
+    p.add_argument("--seed", type=int, default=d.seed, help=f"Seed of data order and init (default {d.seed}).")
+    p.add_argument("--device", default=d.device, help="auto (default), cpu, cuda, cuda:1, ...")
+    p.add_argument("--overwrite", action="store_true", help="Replace --out if it is an adapter directory.")
+    p.add_argument("--no-progress", action="store_true", help="No progress bars.")
+    p.set_defaults(func=run, interrupt_message="interrupted: no adapter was written")
+
+
+def _fmt(result: Any) -> str:
+    loss = "" if result.loss is None else f"   loss {result.loss:.3f}"
+    return f"{100 * result.accuracy:5.1f} %  ({round(result.accuracy * result.n)}/{result.n}){loss}"
+
+
+def report(result: TrainResult, settings: TrainSettings, out: str) -> None:
+    """The before/after table and where the adapter went."""
+    before, after = result.before, result.after
+    if before.prompt_tokens:
+        hard = f"zero-shot, hand-written instruction ({before.prompt_tokens} tokens)"
+    else:
+        hard = "zero-shot, no soft prompt" + (" (same instruction)" if settings.instruction else "")
+    soft = f"soft prompt ({settings.num_tokens} virtual tokens, {settings.steps} steps)"
+    width = max(len(hard), len(soft))
+    print(f"\n{before.metric} on {before.n} held-out examples:")
+    print(f"  before  {hard:<{width}}  {_fmt(before)}")
+    print(f"  after   {soft:<{width}}  {_fmt(after)}")
+    print(f"training took {result.train_seconds:.0f} s")
+    print(f"saved adapter to {result.adapter_dir}")
+    print(f"try: {PROG} info {out}  |  {PROG} decode {out}  |  {PROG} generate --adapter {out} TEXT")
+
+
+def run(args: argparse.Namespace) -> int:
+    settings = TrainSettings(
+        out=args.out,
+        model=args.model,
+        data=args.data,
+        eval_data=args.eval_data,
+        instruction=args.instruction,
+        num_tokens=args.num_tokens,
+        init=args.init,
+        init_text=args.init_text,
+        lr=args.lr,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        eval_size=args.eval_size,
+        max_input_tokens=args.max_input_tokens,
+        seed=args.seed,
+        device=args.device,
+        overwrite=args.overwrite,
+        progress=not args.no_progress,
+    )
+    settings.validate()
+    report(train(settings, log=print), settings, args.out)
+    return 0
