@@ -188,6 +188,11 @@ def _copy_layers(cache: Any, frozen: bool) -> Any:
     return new
 
 
+def cache_length(cache: Any) -> int:
+    """Positions a plain prompt cache covers (a sliding layer keeps fewer keys but counts them all)."""
+    return cache.get_seq_length()
+
+
 def for_batch(cache: Any, batch_size: int, frozen: bool = False) -> Any:
     """A copy of a batch-1 prompt cache expanded over `batch_size` rows (`frozen`: read-only, for forwards that
     return no cache, such as checkpointed training)."""
@@ -201,9 +206,10 @@ def for_batch(cache: Any, batch_size: int, frozen: bool = False) -> Any:
 def mixed_batch(caches: list[Any | None], rows: torch.Tensor, frozen: bool = False) -> tuple[Any, torch.Tensor]:
     """One cache for a batch whose rows use different prompts: `caches[u]` is prompt u's batch-1 cache (None: no
     prompt), `rows[b]` the prompt of row b. Shorter prompts are left-padded with zero keys/values that the returned
-    [B, P_max] slot mask hides."""
+    [B, P_max] slot mask hides. Full-attention layers only: a sliding layer keeps a window, not a prompt (callers
+    take concatenation for mixed batches on models with local attention)."""
     template = next(c for c in caches if c is not None)
-    lengths = [0 if c is None else _layers(c)[0].keys.shape[-2] for c in caches]
+    lengths = [0 if c is None else cache_length(c) for c in caches]
     width = max(lengths)
     new = _copy_layers(template, frozen)
     for index, layer in enumerate(new.layers):
@@ -230,6 +236,11 @@ class CompiledPrompts:
         self._entries: OrderedDict[str, tuple[tuple, Any]] = OrderedDict()
 
     @staticmethod
+    def key(name: str, prefix: tuple[int, ...]) -> str:
+        """The entry of adapter `name`'s fixed prefix `prefix` (hard and slot ids): dropped with the adapter's."""
+        return f"{name}\x00{','.join(map(str, prefix))}"
+
+    @staticmethod
     def fingerprint(encoder: nn.Module, dtype: torch.dtype) -> tuple:
         return (dtype,) + tuple((p.data_ptr(), p._version, p.device) for p in encoder.parameters())
 
@@ -246,10 +257,9 @@ class CompiledPrompts:
         return entry[1]
 
     def discard(self, name: str | None = None) -> None:
-        if name is None:
-            self._entries.clear()
-        else:
-            self._entries.pop(name, None)
+        """Drop adapter `name`'s entries (its prompt cache and its compiled prefixes), or all."""
+        for key in [k for k in self._entries if name is None or k == name or k.startswith(f"{name}\x00")]:
+            del self._entries[key]
 
     def __len__(self) -> int:
         return len(self._entries)

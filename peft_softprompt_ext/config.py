@@ -20,6 +20,7 @@ from .initializers import INIT_FIELDS, INITIALIZERS
 logger = logging.getLogger(__name__)
 
 REPARAMETERIZATIONS = (None, "residual")
+SLOT_TOKEN = "<|soft_prompt_{index}|>"  # the default placeholder of slot `index`
 # Fields that must be positive integers when set (and at most this large).
 _POSITIVE = {
     "num_virtual_tokens": MAX_VIRTUAL_TOKENS,
@@ -85,6 +86,10 @@ class SoftPromptConfig(PromptLearningConfig):
     `reparameterization="residual"` trains `P + MLP(P)` with a shared bottleneck MLP of width
     `residual_hidden_size` (Razdaibiedina et al. 2023). `shared_prompt_kv` lets decoder-only models compute the
     prompt's keys/values once per batch instead of once per row.
+
+    `slots=[k1, k2, ...]` puts the virtual tokens inside the input instead of before it: slot i is k_i copies of
+    its placeholder token `slot_tokens[i]` (default ``<|soft_prompt_i|>``) wherever the text has them, e.g. in a
+    chat template's system turn (see `peft_softprompt_ext.slots`).
     """
 
     num_virtual_tokens: int = field(default=20, metadata={"help": "Number of virtual tokens."})
@@ -99,6 +104,13 @@ class SoftPromptConfig(PromptLearningConfig):
     residual_hidden_size: int = field(default=128, metadata={"help": "Bottleneck width of the residual MLP."})
     shared_prompt_kv: bool = field(default=True, metadata={"help": "Compute the prompt's KV once per batch."})
     vocab_size: int | None = field(default=None, metadata={"help": "Filled in: the base model's vocabulary."})
+    slots: list[int] | None = field(
+        default=None, metadata={"help": "Virtual tokens per slot (placeholders in the input); None: before the input."}
+    )
+    slot_tokens: list[str] | None = field(default=None, metadata={"help": "The placeholder token of each slot."})
+    slot_token_ids: list[int] | None = field(
+        default=None, metadata={"help": "Filled in by slots.add_slot_tokens: the placeholders' tokenizer ids."}
+    )
     # A tokenizer object for text init; never serialised (its name_or_path is).
     tokenizer: Any = field(default=None, repr=False, compare=False, metadata={"help": "Tokenizer object."})
 
@@ -106,6 +118,8 @@ class SoftPromptConfig(PromptLearningConfig):
         super().__post_init__()
         self.peft_type = _peft_patch.peft_type()
         self._strip_remote_code()
+        if isinstance(self.slots, list) and self.slot_tokens is None:
+            self.slot_tokens = [SLOT_TOKEN.format(index=i) for i in range(len(self.slots))]
         self.validate()
 
     def _strip_remote_code(self) -> None:
@@ -167,11 +181,33 @@ class SoftPromptConfig(PromptLearningConfig):
                 "`tokenizer_name_or_path=`."
             )
 
+    def _check_slots(self) -> None:
+        if self.slots is None:
+            if self.slot_tokens is not None or self.slot_token_ids is not None:
+                raise ConfigError(
+                    "SoftPromptConfig.slot_tokens / slot_token_ids need slots=[...] (virtual tokens per slot)."
+                )
+            return
+        if not self.slots or any(k <= 0 for k in self.slots) or sum(self.slots) != self.num_virtual_tokens:
+            raise ConfigError(
+                f"SoftPromptConfig.slots must be positive sizes summing to num_virtual_tokens="
+                f"{self.num_virtual_tokens}, got {self.slots}."
+            )
+        for name in ("slot_tokens", "slot_token_ids"):
+            values = getattr(self, name)
+            if values is not None and (len(values) != len(self.slots) or len(set(values)) != len(values)):
+                raise ConfigError(
+                    f"SoftPromptConfig.{name} must hold {len(self.slots)} distinct entries, got {values}."
+                )
+        if any(not token.strip() for token in self.slot_tokens):
+            raise ConfigError(f"SoftPromptConfig.slot_tokens must be non-empty strings, got {self.slot_tokens}.")
+
     def validate(self) -> None:
         """Raise a ConfigError (a ValueError) naming the first field of the wrong type or out of range."""
         self._check_types()
         self._check_ranges()
         self._check_init()
+        self._check_slots()
 
     def to_dict(self) -> dict:
         """Like PEFT's, but the tokenizer object is replaced by its name (it can't go into JSON)."""

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from ..constants import BASE_ADAPTER
+from ..slots import SlotPlan
 
 IGNORE_INDEX = -100
 
@@ -35,6 +36,7 @@ class PromptBatch:
     position_ids: torch.Tensor | None = None
     token_type_ids: torch.Tensor | None = None
     kwargs: dict[str, Any] = field(default_factory=dict)
+    plan: SlotPlan | None = None  # where the virtual tokens of prompts with slots go (slots.plan)
 
     @property
     def batch_size(self) -> int:
@@ -60,6 +62,15 @@ class PromptBatch:
     @property
     def prompted(self) -> bool:
         return any(name is not None for name in self.names)
+
+
+def safe_token_id(config: Any) -> int:
+    """An id every embedding table has: stands in for virtual tokens and slot placeholders, never read."""
+    for name in ("pad_token_id", "eos_token_id", "bos_token_id"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value >= 0:
+            return value
+    return 0
 
 
 def _check_2d(name: str, tensor: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
@@ -183,6 +194,36 @@ class Layout:
         if isinstance(value, torch.Tensor) and value.dim() >= 2 and value.shape[1] == self.total:
             return self.restore(value)
         return value
+
+
+@dataclass(frozen=True)
+class Remainder:
+    """What the base model runs on when part of each row is in the cache: row b's real tokens from column
+    `prefix_end[b]` on (all of them for rows without a cached prefix), in order, then padding (`pads_first`: padding
+    first, for generation). `order[b, r]` is the user column at position r, `mask` marks real tokens."""
+
+    order: torch.Tensor
+    mask: torch.Tensor
+
+    @staticmethod
+    def of(mask: torch.Tensor, prefix_end: torch.Tensor, pads_first: bool) -> Remainder:
+        columns = torch.arange(mask.shape[1], device=mask.device).unsqueeze(0)
+        keep = mask.bool() & (columns >= prefix_end.to(mask.device).unsqueeze(1))
+        width = max(1, int(keep.sum(1).max()))
+        key = keep.long() if pads_first else (~keep).long()
+        order = torch.argsort(key, dim=1, stable=True)
+        order = order[:, -width:] if pads_first else order[:, :width]
+        return Remainder(order, keep.gather(1, order).long())
+
+    def take(self, tensor: torch.Tensor) -> torch.Tensor:
+        return _take(tensor, self.order)
+
+    def put(self, values: torch.Tensor, length: int) -> torch.Tensor:
+        """Scatter [B, R, ...] back to the user's [B, length, ...] columns (zeros where nothing ran)."""
+        out = values.new_zeros(values.shape[0], length, *values.shape[2:])
+        keep = self.mask.bool().view(*self.mask.shape, *([1] * (values.dim() - 2)))
+        index = self.order.view(*self.order.shape, *([1] * (values.dim() - 2))).expand_as(values)
+        return out.scatter_add(1, index.to(values.device), values * keep.to(values.device))
 
 
 def _take(tensor: torch.Tensor, order: torch.Tensor) -> torch.Tensor:

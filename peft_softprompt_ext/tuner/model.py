@@ -14,7 +14,7 @@ import torch
 from peft import PeftModel
 from torch import nn
 
-from .. import adapter_dir, card
+from .. import adapter_dir, card, slots
 from .. import cache as kv
 from ..architecture import Capabilities, max_positions, probe
 from ..config import SoftPromptConfig
@@ -23,7 +23,7 @@ from ..decode import decode_model_prompt
 from ..distributed import PromptShardedError, full_shape, is_fsdp_module, local_weight, parameters_are_sharded
 from ..initializers import initial_prompt
 from ..prompt import SoftPromptEncoder
-from .batch import LabelLayout, PromptBatch, make_batch
+from .batch import IGNORE_INDEX, LabelLayout, PromptBatch, make_batch, safe_token_id
 from .strategies import STRATEGIES, ExecutionPath, Purpose, choose, new_positions
 
 logger = logging.getLogger(__name__)
@@ -263,19 +263,34 @@ class SoftPromptModel(PeftModel):
             return build()
         return self.compiled_prompts.get(name, self.prompt_encoder[name], self._model_dtype, build)
 
-    def prefix_cache(self, batch: PromptBatch, frozen: bool, expand: int = 1) -> tuple[Any, torch.Tensor]:
-        """KV cache for the batch (rows repeated `expand` times) and its [B, P_max] slot mask (1: a virtual token)."""
+    def prefix_cache(self, batch: PromptBatch, frozen: bool, expand: int = 1) -> tuple[Any, torch.Tensor, dict]:
+        """KV cache for the batch (rows repeated `expand` times), its [B, W] mask of cached positions, and the
+        logits of each compiled slot prefix (by prompt index). A prompt before the input caches its virtual tokens;
+        a prompt with slots caches its fixed prefix (`slot_prefix`)."""
         rows = batch.rows.repeat_interleave(expand)
-        if len(batch.names) == 1:
-            cache = self._adapter_cache(batch.names[0])
-            width = self.peft_config[batch.names[0]].num_virtual_tokens
-            return kv.for_batch(cache, len(rows), frozen), torch.ones(len(rows), width, dtype=torch.long)
-        caches = [None if n is None else self._adapter_cache(n) for n in batch.names]
-        return kv.mixed_batch(caches, rows, frozen)
+        prefixes = batch.plan.fixed_prefixes(batch.input_ids, batch.mask, batch.rows) if batch.plan is not None else {}
+        caches, logits = [], {}
+        for u, name in enumerate(batch.names):
+            if name is None:
+                caches.append(None)
+            elif u in (prefixes or {}):
+                cache, logits[u] = self.slot_prefix(name, prefixes[u])
+                caches.append(cache)
+            else:
+                caches.append(self._adapter_cache(name))
+        if len(caches) == 1:
+            width = kv.cache_length(caches[0])
+            return kv.for_batch(caches[0], len(rows), frozen), torch.ones(len(rows), width, dtype=torch.long), logits
+        cache, cached = kv.mixed_batch(caches, rows, frozen)
+        return cache, cached, logits
+
+    def _prepends(self, name: str | None) -> bool:
+        return name is not None and not self.peft_config[name].slots
 
     def prompt_rows(self, batch: PromptBatch) -> tuple[torch.Tensor, torch.Tensor]:
-        """Prompt embeddings per row [B, P_max, d], left-padded with zeros, and the [B, P_max] slot mask."""
-        prompts = [None if n is None else self.prompt_embeddings(n).to(self._model_dtype) for n in batch.names]
+        """Prompt embeddings per row [B, P_max, d] of the prompts that go before the input (zero width for rows
+        without one or with slots), left-padded with zeros, and the [B, P_max] mask of those virtual tokens."""
+        prompts = [self.prompt_embeddings(n).to(self._model_dtype) if self._prepends(n) else None for n in batch.names]
         width = max(0 if p is None else p.shape[0] for p in prompts)
         dim = self.word_embeddings.weight.shape[-1]
         padded, slots = [], []
@@ -286,6 +301,33 @@ class SoftPromptModel(PeftModel):
             slots.append(torch.arange(width) >= width - length)
         rows = batch.rows.to(padded[0].device)
         return torch.stack(padded)[rows], torch.stack(slots).to(batch.device)[batch.rows].long()
+
+    def slot_prompts(self, batch: PromptBatch) -> dict[int, torch.Tensor]:
+        """The [P, d] prompt of each of the batch's prompts that has slots, by its index in `batch.names`."""
+        return {
+            u: self.prompt_embeddings(n).to(self._model_dtype)
+            for u, n in enumerate(batch.names)
+            if n is not None and self.peft_config[n].slots
+        }
+
+    def slot_prefix(self, name: str, ids: torch.Tensor) -> tuple[Any, torch.Tensor]:
+        """(KV cache, logits) of a fixed prefix holding adapter `name`'s slots (the hard tokens with the virtual
+        ones spliced in), batch 1: compiled once per adapter and prefix for inference, like the prompt cache."""
+
+        def build() -> tuple[Any, torch.Tensor]:
+            row = ids.view(1, -1)
+            plan = slots.plan(row, torch.ones_like(row), [name], self.peft_config)
+            embeds = self.word_embeddings(plan.clean_ids(row, safe_token_id(self.base_model.config)))
+            prompt = self.prompt_embeddings(name).to(self._model_dtype)
+            embeds = plan.splice(embeds, {0: prompt}, torch.zeros(1, dtype=torch.long, device=row.device))
+            positions = torch.arange(row.shape[1], device=row.device).unsqueeze(0)
+            extra = {"position_ids": positions} if kv.accepts(self.base_model, "position_ids") else {}
+            with kv.checkpointing_suspended(self.base_model):
+                out = self.base_model(inputs_embeds=embeds, use_cache=True, return_dict=True, **extra)
+            return kv.output_cache(out), out.logits
+
+        key = kv.CompiledPrompts.key(name, tuple(ids.tolist()))
+        return self.compiled_prompts.get(key, self.prompt_encoder[name], self._model_dtype, build)
 
     # ------------------------------------------------------------------ which path
 
@@ -312,12 +354,34 @@ class SoftPromptModel(PeftModel):
             reasons.append("reentrant gradient checkpointing (gradients would not reach the shared cache)")
         return reasons
 
+    def _slot_blockers(self, batch: PromptBatch, purpose: Purpose) -> list[str]:
+        """Reasons against the compiled-prefix path for a batch with slots (they then splice: concatenation)."""
+        if batch.plan is None or not bool(batch.plan.slotted.any()):
+            return []
+        reasons = []
+        if self.label_layout is not LabelLayout.NEXT_TOKEN:
+            reasons.append("slots outside a causal LM (the task's outputs are spliced, not compiled)")
+        if purpose is Purpose.FORWARD:
+            if (
+                batch.labels is not None
+                or any(self._needs_grad(n) for n in batch.names if n)
+                or self.base_model.training
+            ):
+                reasons.append("slots in training (the prompt is spliced in and trained there)")
+            wanted = [k for k in ("output_hidden_states", "output_attentions", "logits_to_keep") if batch.kwargs.get(k)]
+            if wanted or batch.position_ids is not None:
+                reasons.append(f"slots with {wanted or ['position_ids']}")
+        if batch.plan.fixed_prefixes(batch.input_ids, batch.mask, batch.rows) is None:
+            reasons.append("rows of one prompt differ before its last slot (no fixed prefix to compile)")
+        return reasons
+
     def _path(self, batch: PromptBatch | None, purpose: Purpose) -> ExecutionPath:
         names = [n for n in (batch.names if batch else [self.active_adapter]) if n is not None]
         shared = all(self.peft_config[n].shared_prompt_kv for n in names)
         if not shared:  # probing costs a forward: only when the config asks for sharing
             return ExecutionPath.CONCAT
-        path, _ = choose(self.capabilities, shared, self._blockers(), batch, purpose)
+        blockers = self._blockers() + (self._slot_blockers(batch, purpose) if batch is not None else [])
+        path, _ = choose(self.capabilities, shared, blockers, batch, purpose)
         return path
 
     @property
@@ -339,7 +403,13 @@ class SoftPromptModel(PeftModel):
 
     def _batch(self, kwargs: dict[str, Any]) -> PromptBatch:
         kwargs.pop("task_ids", None)
-        return make_batch(active=self.active_adapter, loaded=list(self.peft_config), **kwargs)
+        batch = make_batch(active=self.active_adapter, loaded=list(self.peft_config), **kwargs)
+        row_names = [batch.names[u] for u in batch.rows.tolist()]
+        batch.plan = slots.plan(batch.input_ids, batch.mask, row_names, self.peft_config)
+        if batch.plan is not None and batch.labels is not None and batch.labels.shape == batch.mask.shape:
+            placeholders = torch.isin(batch.input_ids, batch.plan.placeholder_ids.to(batch.device))
+            batch.labels = batch.labels.masked_fill(placeholders.to(batch.labels.device), IGNORE_INDEX)
+        return batch
 
     def _bare_inputs(self, batch: PromptBatch) -> dict[str, Any]:
         """The batch as the base model alone takes it (rows without a prompt: `adapter_names` all "__base__")."""

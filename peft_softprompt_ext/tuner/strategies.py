@@ -23,7 +23,7 @@ from torch import nn
 
 from .. import cache as kv
 from ..architecture import Capabilities, is_causal_decoder
-from .batch import LabelLayout, Layout, PromptBatch, base_labels
+from .batch import LabelLayout, Layout, PromptBatch, Remainder, base_labels, safe_token_id
 
 logger = logging.getLogger(__name__)
 
@@ -79,10 +79,12 @@ class PrefixKV:
     path = ExecutionPath.PREFIX_KV
 
     def forward(self, model: PromptedModel, batch: PromptBatch, local_attention: bool) -> Any:
+        if batch.plan is not None:
+            return self._forward_fixed_prefix(model, batch)
         base = model.base_model
         use_cache = bool(batch.kwargs.pop("use_cache", False))
-        cache, slots = model.prefix_cache(batch, frozen=not use_cache)
-        slots = slots.to(device=batch.device, dtype=batch.mask.dtype)
+        cache, cached, _ = model.prefix_cache(batch, frozen=not use_cache)
+        cached = cached.to(device=batch.device, dtype=batch.mask.dtype)
         # a window must not be spent on pads: move them after the text (the prompt is the cache, always first)
         layout = Layout.pads_last(batch.mask) if local_attention and not use_cache else Layout.identity(0, batch.length)
         inputs: dict[str, Any] = {kv.cache_kwarg(base): cache, "use_cache": use_cache, "return_dict": True}
@@ -90,9 +92,9 @@ class PrefixKV:
             inputs["input_ids"] = layout.apply(batch.input_ids)
         else:
             inputs["inputs_embeds"] = layout.apply(batch.inputs_embeds)
-        inputs["attention_mask"] = torch.cat([slots, layout.apply(batch.mask)], dim=1)
+        inputs["attention_mask"] = torch.cat([cached, layout.apply(batch.mask)], dim=1)
         if kv.accepts(base, "position_ids"):
-            positions = kv.input_positions(batch.mask, slots.long().sum(1, keepdim=True), batch.position_ids)
+            positions = kv.input_positions(batch.mask, cached.long().sum(1, keepdim=True), batch.position_ids)
             inputs["position_ids"] = layout.apply(positions)
         if batch.token_type_ids is not None:
             inputs["token_type_ids"] = layout.apply(batch.token_type_ids)
@@ -104,9 +106,31 @@ class PrefixKV:
             outputs = base(**inputs, **batch.kwargs)
         return _restore_outputs(outputs, model.token_level_keys, layout)
 
+    def _forward_fixed_prefix(self, model: PromptedModel, batch: PromptBatch) -> Any:
+        """Inference with slots: each prompt's fixed prefix (hard tokens + virtual ones) comes from its compiled
+        cache, with its logits; the base model runs only on what follows the last slot."""
+        base = model.base_model
+        batch.kwargs.pop("use_cache", None)
+        cache, cached, prefix_logits = model.prefix_cache(batch, frozen=True)
+        cached = cached.to(device=batch.device, dtype=batch.mask.dtype)
+        plan = batch.plan
+        rest = Remainder.of(batch.mask, plan.prefix_end, pads_first=False)
+        ids = rest.take(plan.clean_ids(batch.input_ids, safe_token_id(base.config)))
+        inputs = {"input_ids": ids, "attention_mask": torch.cat([cached, rest.mask], dim=1), "use_cache": False}
+        if kv.accepts(base, "position_ids"):
+            inputs["position_ids"] = cached.sum(1, keepdim=True) + (rest.mask.cumsum(1) - 1).clamp_min(0)
+        outputs = base(**inputs, **{kv.cache_kwarg(base): cache}, return_dict=True, **batch.kwargs)
+        logits = rest.put(outputs.logits, batch.length)
+        for b in plan.slotted.nonzero()[:, 0].tolist():
+            start, end = int(plan.start[b]), int(plan.prefix_end[b])
+            logits[b, start:end] = prefix_logits[int(batch.rows[b])][0].to(logits.dtype)
+        outputs["logits"] = logits
+        return outputs
+
     def generate(self, model: PromptedModel, batch: PromptBatch, **kwargs: Any) -> Any:
-        """Generate with the prompt's KV as a pre-filled cache. Transformers takes the cached part to be a prefix of
-        input_ids, so placeholder ids stand in for the virtual tokens and are cut from the result."""
+        """Generate with the prompts (and fixed slot prefixes) as a pre-filled cache. Transformers takes the cached
+        part to be a prefix of input_ids, so placeholder ids stand in for it; the result is the user's input_ids
+        followed by the new tokens."""
         base = model.base_model
         # generate repeats each row for beams / returned sequences but leaves a cache handed to it as it is
         config = kwargs.get("generation_config") or base.generation_config
@@ -115,19 +139,23 @@ class PrefixKV:
             kwargs.get("num_return_sequences") or config.num_return_sequences or 1,
         )
         with torch.no_grad():
-            cache, slots = model.prefix_cache(batch, frozen=False, expand=expand)
-        slots = slots[::expand].to(device=batch.device, dtype=batch.mask.dtype)
-        width = slots.shape[1]
-        placeholder = batch.input_ids.new_full((batch.batch_size, width), _placeholder_id(base.config))
+            cache, cached, _ = model.prefix_cache(batch, frozen=False, expand=expand)
+        cached = cached[::expand].to(device=batch.device, dtype=batch.mask.dtype)
+        safe = safe_token_id(base.config)
+        prefix_end = batch.plan.prefix_end if batch.plan is not None else torch.zeros_like(batch.rows)
+        rest = Remainder.of(batch.mask, prefix_end, pads_first=True)
+        ids = batch.plan.clean_ids(batch.input_ids, safe) if batch.plan is not None else batch.input_ids
+        ids = rest.take(ids).masked_fill(rest.mask == 0, safe)
+        start = cached.shape[1] + ids.shape[1]
         if kwargs.get("max_length") is not None:
-            kwargs["max_length"] += width
+            kwargs["max_length"] += start - batch.length
         out = base.generate(
-            input_ids=torch.cat([placeholder, batch.input_ids], dim=1),
-            attention_mask=torch.cat([slots, batch.mask], dim=1),
+            input_ids=torch.cat([ids.new_full(cached.shape, safe), ids], dim=1),
+            attention_mask=torch.cat([cached, rest.mask], dim=1),
             **{kv.cache_kwarg(base): cache},
             **kwargs,
         )
-        return _strip_prefix(out, width)
+        return _with_input(out, batch.input_ids, start)
 
 
 class Concat:
@@ -138,7 +166,15 @@ class Concat:
     def _sequence(self, model: PromptedModel, batch: PromptBatch) -> tuple[torch.Tensor, torch.Tensor, Layout]:
         prompts, slots = model.prompt_rows(batch)
         slots = slots.to(device=batch.device, dtype=batch.mask.dtype)
-        embeds = batch.inputs_embeds if batch.inputs_embeds is not None else model.word_embeddings(batch.input_ids)
+        if batch.inputs_embeds is not None:
+            embeds = batch.inputs_embeds
+        elif batch.plan is None:
+            embeds = model.word_embeddings(batch.input_ids)
+        else:  # the placeholders are never embedded: the slots' virtual tokens replace them
+            embeds = model.word_embeddings(
+                batch.plan.clean_ids(batch.input_ids, safe_token_id(model.base_model.config))
+            )
+            embeds = batch.plan.splice(embeds, model.slot_prompts(batch), batch.rows)
         seq = torch.cat([prompts, embeds.to(prompts.dtype)], dim=1)
         if is_causal_decoder(model.base_model):
             layout = Layout.pads_first(slots, batch.mask)
@@ -208,19 +244,18 @@ def choose(
             return ExecutionPath.CONCAT, "generate with a cache of the caller's"
         if capabilities.local_attention and batch.has_left_padding:
             return ExecutionPath.CONCAT, "left-padded generate with windowed attention (pads would use the window)"
+    if batch is not None and capabilities.local_attention and len(batch.names) > 1:
+        return ExecutionPath.CONCAT, "a mixed-prompt batch with windowed attention (a window keeps no padded prompt)"
     return ExecutionPath.PREFIX_KV, capabilities.reason
 
 
-def _placeholder_id(config: Any) -> int:
-    for name in ("pad_token_id", "eos_token_id", "bos_token_id"):
-        value = getattr(config, name, None)
-        if isinstance(value, int):
-            return value
-    return 0
-
-
-def _strip_prefix(out: Any, n: int) -> Any:
+def _with_input(out: Any, input_ids: torch.Tensor, start: int) -> Any:
+    """Generate's output with its first `start` columns replaced by the user's input_ids (each row repeated for
+    the sequences generate returned per row)."""
+    sequences = out if isinstance(out, torch.Tensor) else out.sequences
+    repeats = sequences.shape[0] // input_ids.shape[0]
+    sequences = torch.cat([input_ids.repeat_interleave(repeats, 0), sequences[:, start:]], dim=1)
     if isinstance(out, torch.Tensor):
-        return out[:, n:]
-    out.sequences = out.sequences[:, n:]
+        return sequences
+    out.sequences = sequences
     return out
