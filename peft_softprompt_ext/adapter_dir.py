@@ -31,6 +31,7 @@ from safetensors.torch import load_file
 
 from . import atomic
 from .constants import (
+    ADAPTER_FILES,
     CONFIG_NAME,
     EMBEDS_KEY,
     EMBEDS_METADATA_NAME,
@@ -102,8 +103,9 @@ def resolve(
     model_id = os.fspath(model_id)
     local = os.path.join(model_id, subfolder or "")
     if os.path.isdir(local):
-        if not os.path.isfile(os.path.join(local, WEIGHTS_NAME)):
-            raise _no_safetensors_error(repr(local), os.path.isfile(os.path.join(local, PICKLE_WEIGHTS_NAME)))
+        with atomic.reading(local):  # a write killed halfway is finished before we look
+            if not os.path.lexists(os.path.join(local, WEIGHTS_NAME)):
+                raise _no_safetensors_error(repr(local), os.path.isfile(os.path.join(local, PICKLE_WEIGHTS_NAME)))
         return local
     where = f"{model_id!r}" + (f" (subfolder {subfolder!r})" if subfolder else "")
     kwargs = {"subfolder": subfolder or None, "revision": revision, "cache_dir": cache_dir, "token": token}
@@ -329,13 +331,19 @@ def refuse_pickle(safe_serialization: bool) -> None:
         )
 
 
+def _ours_to_remove(entry: str) -> bool:
+    """What ``--overwrite`` may delete from an adapter directory: the files this package writes, nothing else."""
+    return entry in ADAPTER_FILES
+
+
 @contextlib.contextmanager
 def writing(path: str | os.PathLike, mode: atomic.WriteMode = "overlay") -> Iterator[str]:
     """A staging directory whose files become the adapter directory's atomically (see `atomic.transaction`).
-    ``"replace"`` is allowed on adapter directories only (`check_replaceable`)."""
+    ``"replace"`` is allowed on directories this package wrote only (`check_replaceable`), and removes only the
+    files it writes (a user's notes beside the adapter stay)."""
     if mode == "replace":
         check_replaceable(path)
-    with atomic.transaction(path, mode) as staging:
+    with atomic.transaction(path, mode, removable=_ours_to_remove) as staging:
         yield staging
 
 

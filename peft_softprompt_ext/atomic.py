@@ -1,7 +1,7 @@
 """All-or-nothing directory writes under a lock, with recovery of a write that was killed halfway.
 
-A write stages every file in a hidden sibling directory (``.NAME.tmp-*``), syncs it, writes a commit record into
-it, then moves the staged files into the target one `os.replace` at a time. The commit record is the commit point:
+A write stages every file in a hidden sibling directory (``.NAME.staging-*``), syncs it, writes a commit record into
+it (under another name, then renamed: a torn record never counts), then moves the staged files into the target one `os.replace` at a time. The commit record is the commit point:
 
 * killed before it: the staging directory is garbage and the target is untouched (the previous version stays);
 * killed after it: the next reader or writer finds the committed staging directory and finishes the moves (roll
@@ -22,10 +22,11 @@ import contextlib
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Literal
 
 from filelock import FileLock, Timeout
@@ -42,6 +43,9 @@ DEFAULT_LOCK_TIMEOUT_S = 300.0
 _locks: dict[str, FileLock] = {}
 _locks_guard = threading.Lock()
 _active = threading.local()  # staging directories of this thread's open transactions
+os.register_at_fork(after_in_child=_locks.clear)  # filelock refuses a lock object inherited across fork
+STAGING = ".staging-"  # .NAME.staging-XXXXXXXX beside the target (mkdtemp's 8 random characters)
+_RANDOM = re.compile(r"[a-z0-9_]{8}")
 
 
 def _names(target: str) -> tuple[str, str]:
@@ -70,8 +74,9 @@ def _lock(target: str) -> FileLock:
 
 
 @contextlib.contextmanager
-def locked(target: str, *, for_reading: bool = False) -> Iterator[None]:
-    """Hold the target's lock; a reader that can't create the lock file (read-only location) goes without."""
+def locked(target: str, *, for_reading: bool = False) -> Iterator[bool]:
+    """Hold the target's lock (yields True); a reader that can't create the lock file (a read-only location)
+    goes without (yields False)."""
     lock = _lock(target)
     try:
         lock.acquire()
@@ -84,10 +89,10 @@ def locked(target: str, *, for_reading: bool = False) -> Iterator[None]:
         if not for_reading:
             raise
         logger.debug("Reading %s without a lock (%s).", target, err)
-        yield
+        yield False
         return
     try:
-        yield
+        yield True
     finally:
         lock.release()
 
@@ -112,20 +117,40 @@ def _seal(path: str, file_mode: int) -> None:
         _fsync(root)
 
 
+def _staging_prefix(target: str) -> str:
+    return f".{os.path.basename(target)}{STAGING}"
+
+
 def _staging_dirs(target: str) -> list[str]:
-    parent, name = _names(target)
+    """This target's staging directories (exactly ours: a sibling named NAME.staging-x has its own longer names)."""
+    parent = os.path.dirname(target)
     if not os.path.isdir(parent):
         return []
-    prefix = f".{name}.tmp-"
-    found = [os.path.join(parent, d) for d in os.listdir(parent) if d.startswith(prefix)]
+    prefix = _staging_prefix(target)
+    found = [
+        os.path.join(parent, d)
+        for d in os.listdir(parent)
+        if d.startswith(prefix) and _RANDOM.fullmatch(d[len(prefix) :])
+    ]
     return sorted((d for d in found if os.path.isdir(d) and not os.path.islink(d)), key=os.path.getmtime)
+
+
+def _commit_record(staging: str) -> dict | None:
+    """The staging directory's commit record, or None when it has none or an unreadable one (not committed:
+    the record is written under another name and renamed into place, so a torn one can only be a stray)."""
+    try:
+        with open(os.path.join(staging, COMMIT_RECORD), encoding="utf-8") as f:
+            record = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) and isinstance(record.get("remove"), list) else None
 
 
 def _merge(src: str, dst: str) -> None:
     """Move every entry of `src` into `dst` (directories merged, files replaced one atomic rename at a time)."""
     os.makedirs(dst, exist_ok=True)
     for entry in sorted(os.listdir(src)):
-        if entry == COMMIT_RECORD:
+        if entry.startswith(COMMIT_RECORD):
             continue
         source, dest = os.path.join(src, entry), os.path.join(dst, entry)
         dest_is_dir = os.path.isdir(dest) and not os.path.islink(dest)
@@ -150,11 +175,9 @@ def _remove(target: str, names: list[str]) -> None:
             os.remove(path)
 
 
-def _roll_forward(staging: str, target: str) -> None:
-    with open(os.path.join(staging, COMMIT_RECORD), encoding="utf-8") as f:
-        record = json.load(f)
+def _roll_forward(staging: str, target: str, record: dict) -> None:
     _merge(staging, target)
-    _remove(target, list(record.get("remove", [])))
+    _remove(target, [str(entry) for entry in record["remove"]])
     _fsync(target)
     shutil.rmtree(staging, ignore_errors=True)
 
@@ -164,9 +187,10 @@ def recover(target: str | os.PathLike) -> None:
     target's lock held (readers and writers here do)."""
     target = normalize(target)
     for staging in _staging_dirs(target):
-        if os.path.isfile(os.path.join(staging, COMMIT_RECORD)):
+        record = _commit_record(staging)
+        if record is not None:
             logger.warning("Completing an interrupted write of %s from %s.", target, staging)
-            _roll_forward(staging, target)
+            _roll_forward(staging, target, record)
         else:
             logger.info("Removing staging left by an interrupted write: %s", staging)
             shutil.rmtree(staging, ignore_errors=True)
@@ -176,9 +200,9 @@ def recover(target: str | os.PathLike) -> None:
 def reading(target: str | os.PathLike) -> Iterator[str]:
     """Read `target` consistently: with its lock held and any interrupted write finished first."""
     target = normalize(target)
-    with locked(target, for_reading=True):
-        if os.access(os.path.dirname(target), os.W_OK):
-            recover(target)
+    with locked(target, for_reading=True) as held:
+        if held and os.access(os.path.dirname(target), os.W_OK):
+            recover(target)  # only with the lock: a live writer's staging must never look abandoned
         yield target
 
 
@@ -195,7 +219,7 @@ def _check_mode(target: str, mode: WriteMode) -> None:
         raise FileExistsError(f"{target} is not empty; pass overwrite=True (--overwrite) to replace it.")
 
 
-def _publish(staging: str, target: str, mode: WriteMode) -> None:
+def _publish(staging: str, target: str, mode: WriteMode, removable: Callable[[str], bool] | None) -> None:
     if not os.path.lexists(target):
         os.replace(staging, target)  # nothing there: one rename publishes everything
         _fsync(os.path.dirname(target))
@@ -204,24 +228,34 @@ def _publish(staging: str, target: str, mode: WriteMode) -> None:
         logger.info("%s was created meanwhile by another process; keeping it and discarding ours.", target)
         return
     staged = set(os.listdir(staging))
-    remove = sorted(set(os.listdir(target)) - staged) if mode == "replace" else []
-    record = os.path.join(staging, COMMIT_RECORD)
-    with open(record, "w", encoding="utf-8") as f:
-        json.dump({"mode": mode, "remove": remove}, f)
+    remove = []
+    if mode == "replace":
+        remove = sorted(e for e in set(os.listdir(target)) - staged if removable is None or removable(e))
+    record = {"mode": mode, "remove": remove}
+    part = os.path.join(staging, COMMIT_RECORD + ".part")
+    with open(part, "w", encoding="utf-8") as f:
+        json.dump(record, f)
         f.flush()
         os.fsync(f.fileno())
+    os.replace(part, os.path.join(staging, COMMIT_RECORD))
     _fsync(staging)  # the commit point: from here on recovery rolls forward
-    _roll_forward(staging, target)
+    _roll_forward(staging, target, record)
 
 
 @contextlib.contextmanager
-def transaction(target: str | os.PathLike, mode: WriteMode = "create", *, dir_mode: int | None = None) -> Iterator[str]:
+def transaction(
+    target: str | os.PathLike,
+    mode: WriteMode = "create",
+    *,
+    dir_mode: int | None = None,
+    removable: Callable[[str], bool] | None = None,
+) -> Iterator[str]:
     """Yield a staging directory; when the block succeeds its files become `target`'s, atomically.
 
     `mode`: ``"create"`` refuses a non-empty target; ``"overlay"`` replaces the staged files and keeps the others;
-    ``"replace"`` makes the target hold exactly the staged files (the caller decides that this is safe); ``"keep"``
-    keeps a target that appeared meanwhile (first writer wins, for caches). `dir_mode` sets the permissions of a
-    newly created target (default: what the umask gives)."""
+    ``"replace"`` also deletes the target's entries that were not staged (those `removable` accepts; the caller
+    decides that this is safe); ``"keep"`` keeps a target that appeared meanwhile (first writer wins, for caches).
+    `dir_mode` sets the permissions of a newly created target (default: what the umask gives)."""
     target = normalize(target)
     open_stagings = getattr(_active, "dirs", set())
     if any(target == d or target.startswith(d + os.sep) for d in open_stagings):
@@ -233,7 +267,7 @@ def transaction(target: str | os.PathLike, mode: WriteMode = "create", *, dir_mo
     with locked(target):
         recover(target)
         _check_mode(target, mode)
-        staging = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.tmp-", dir=parent)
+        staging = tempfile.mkdtemp(prefix=_staging_prefix(target), dir=parent)
         umask = os.umask(0)
         os.umask(umask)
         if dir_mode is None:
@@ -243,8 +277,8 @@ def transaction(target: str | os.PathLike, mode: WriteMode = "create", *, dir_mo
         try:
             yield staging
             _seal(staging, 0o666 & ~umask)
-            _publish(staging, target, mode)
+            _publish(staging, target, mode, removable)
         finally:
             _active.dirs = open_stagings
-            if not os.path.isfile(os.path.join(staging, COMMIT_RECORD)):  # committed: recovery must finish it
+            if _commit_record(staging) is None:  # committed: recovery must finish it
                 shutil.rmtree(staging, ignore_errors=True)

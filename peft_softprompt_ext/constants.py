@@ -18,7 +18,6 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLE_WEIGHTS_NAME = "adapter_model.bin"  # PEFT's pickle fallback: never written, never read
 MODEL_CARD_NAME = "README.md"
 TRAINING_INFO_NAME = "training_info.json"  # written by the CLI's training recipe next to the adapter
-ADAPTER_FILES = (CONFIG_NAME, WEIGHTS_NAME, MODEL_CARD_NAME, TRAINING_INFO_NAME)
 
 # --------------------------------------------------------------------------- tensors in adapter_model.safetensors
 PROMPT_KEY = "prompt_embeddings"  # the effective prompt [num_virtual_tokens, hidden]; PEFT's prompt tuning key too
@@ -37,6 +36,15 @@ EMBEDS_METADATA_NAME = "prompt_embeds.json"
 EMBEDS_KEY = "prompt_embeds"
 EMBEDS_FORMAT = "peft_softprompt_ext.prompt_embeds"
 EXPORT_DTYPES = ("float32", "float16", "bfloat16", "float64")
+# Every file this package writes into an adapter or export directory (what --overwrite may replace or remove).
+ADAPTER_FILES = (
+    CONFIG_NAME,
+    WEIGHTS_NAME,
+    MODEL_CARD_NAME,
+    TRAINING_INFO_NAME,
+    EMBEDS_WEIGHTS_NAME,
+    EMBEDS_METADATA_NAME,
+)
 
 # --------------------------------------------------------------------------- runtime
 BASE_ADAPTER = "__base__"  # in `adapter_names`: this row gets no prompt

@@ -42,6 +42,14 @@ from .constants import (
 
 logger = logging.getLogger(__name__)
 
+_USAGE = {
+    "prepend": "Prepend to the token embeddings of the tokenised input (BOS included) of the same base model: "
+    "inputs_embeds = cat([prompt_embeds, embed_tokens(input_ids)]); vLLM: {'prompt_embeds': inputs_embeds}. "
+    "peft_softprompt_ext.export.inputs_embeds_for does exactly this.",
+    "slots": "Tokenise the request with the slot tokens added (slot_tokens; each slot written as its token repeated "
+    "once per virtual token), embed it, and put the rows of prompt_embeds at the placeholder positions in order "
+    "(slot after slot): peft_softprompt_ext.export.inputs_embeds_for; vLLM: {'prompt_embeds': inputs_embeds}.",
+}
 _SHARED_CONFIG_KEYS = (
     "task_type",
     "base_model_name_or_path",
@@ -110,6 +118,11 @@ def export_peft_prompt_tuning(
     """
     with _source_dir(source, adapter_name) as src:
         saved = adapter_dir.read(src)
+    if saved.config.get("slots"):
+        raise ValueError(
+            "This adapter puts its virtual tokens in slots inside the input; PEFT's PROMPT_TUNING can only put them "
+            "before it. Export the embeddings instead (export_prompt_embeds / --to embeds)."
+        )
     prompt = saved.prompt
     # tokenizer_kwargs: PEFT accepts them only with TEXT init, which an exported (trained) prompt doesn't need
     shared = {k: saved.config.get(k) for k in _SHARED_CONFIG_KEYS if k != "tokenizer_kwargs"}
@@ -224,8 +237,11 @@ def export_prompt_embeds(
         "task_type": config.get("task_type"),
         "tokenizer_name_or_path": config.get("tokenizer_name_or_path"),
         "adapter_name": adapter_name,
-        "usage": "Prepend to the token embeddings of the tokenised input (BOS included) of the same base model: "
-        "inputs_embeds = cat([prompt_embeds, embed_tokens(input_ids)]); vLLM: {'prompt_embeds': inputs_embeds}.",
+        "placement": "slots" if config.get("slots") else "prepend",
+        "slots": config.get("slots"),
+        "slot_tokens": config.get("slot_tokens"),
+        "slot_token_ids": config.get("slot_token_ids"),
+        "usage": _USAGE["slots" if config.get("slots") else "prepend"],
     }
     with adapter_dir.writing(out_dir, _mode(overwrite)) as tmp:
         save_file({EMBEDS_KEY: prompt.contiguous()}, os.path.join(tmp, EMBEDS_WEIGHTS_NAME), metadata={"format": "pt"})
@@ -237,3 +253,25 @@ def export_prompt_embeds(
 def load_prompt_embeds(path: str | os.PathLike) -> tuple[torch.Tensor, dict[str, Any]]:
     """(tensor, metadata) from a directory written by `export_prompt_embeds`."""
     return adapter_dir.read_embeds(path)
+
+
+def inputs_embeds_for(
+    prompt: torch.Tensor, metadata: dict[str, Any], input_ids: list[int] | torch.Tensor, embed_tokens: nn.Module
+) -> torch.Tensor:
+    """The [length, hidden] inputs_embeds a server that takes prompt embeddings (vLLM ``prompt_embeds``) needs for
+    one tokenised request, from an export: the prompt before the token embeddings, or spliced in at the slot
+    placeholders (each placeholder position takes the next virtual token of its slot; placeholders are never
+    embedded). `embed_tokens` is the base model's input embedding module."""
+    ids = torch.as_tensor(input_ids, dtype=torch.long).reshape(-1)
+    if metadata.get("placement") != "slots":
+        return torch.cat([prompt.to(embed_tokens.weight.dtype), embed_tokens(ids.to(embed_tokens.weight.device))])
+    placeholders = torch.tensor(metadata["slot_token_ids"], dtype=torch.long)
+    embeds = embed_tokens(ids.masked_fill(torch.isin(ids, placeholders), 0).to(embed_tokens.weight.device))
+    offset = 0
+    for token_id, size in zip(metadata["slot_token_ids"], metadata["slots"], strict=True):
+        cols = (ids == token_id).nonzero()[:, 0]
+        if len(cols) != size:
+            raise ValueError(f"The request has {len(cols)} placeholders of slot id {token_id}; the slot holds {size}.")
+        embeds = embeds.index_put((cols.to(embeds.device),), prompt[offset : offset + size].to(embeds))
+        offset += size
+    return embeds

@@ -224,9 +224,10 @@ def test_outputs_never_overwrite_unless_asked_and_are_atomic(base_dir, tokenizer
     export_prompt_embeds(model, tmp_path / "empty")  # an empty directory is fine
     export_prompt_embeds(model, tmp_path / "empty", overwrite=True)  # and an export of ours may be replaced
     export_peft_prompt_tuning(model, tmp_path / "peft")
-    (tmp_path / "peft" / "stale.txt").write_text("from an older export")
+    (tmp_path / "peft" / "notes.txt").write_text("the user's, beside the export")
+    (tmp_path / "peft" / "training_info.json").write_text("{}")  # a file the package writes, stale here
     export_peft_prompt_tuning(model, tmp_path / "peft", overwrite=True)
-    assert sorted(os.listdir(tmp_path / "peft")) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert sorted(os.listdir(tmp_path / "peft")) == ["adapter_config.json", "adapter_model.safetensors", "notes.txt"]
     with pytest.raises(RuntimeError, match="boom"), transaction(tmp_path / "failed") as tmp:
         (open(os.path.join(tmp, "partial"), "w")).close()
         raise RuntimeError("boom")

@@ -300,3 +300,27 @@ def test_reload_with_peft_from_pretrained_and_path(tmp_path):
     assert again.execution_path is ExecutionPath.PREFIX_KV
     with torch.no_grad():
         torch.testing.assert_close(again(input_ids=ids).logits, model(input_ids=ids).logits, atol=1e-6, rtol=1e-5)
+
+
+def test_exported_embeddings_reproduce_our_logits_where_a_server_splices_them(tmp_path):
+    from peft_softprompt_ext.export import (
+        export_peft_prompt_tuning,
+        export_prompt_embeds,
+        inputs_embeds_for,
+        load_prompt_embeds,
+    )
+
+    model, tokenizer = make("llama")
+    export_prompt_embeds(model, tmp_path / "embeds")
+    prompt, metadata = load_prompt_embeds(tmp_path / "embeds")
+    assert metadata["placement"] == "slots" and metadata["slots"] == SIZES
+    assert metadata["slot_token_ids"] == model.active_peft_config.slot_token_ids
+    base = model.get_base_model()
+    for text in texts(model):
+        ids = tokenizer(text)["input_ids"]
+        with torch.no_grad():  # what a server taking prompt embeddings computes (vLLM: {"prompt_embeds": embeds})
+            embeds = inputs_embeds_for(prompt, metadata, ids, base.get_input_embeddings())
+            served = base(inputs_embeds=embeds[None]).logits
+            torch.testing.assert_close(served, model(input_ids=torch.tensor([ids])).logits, atol=1e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match="PROMPT_TUNING can only put them before it"):
+        export_peft_prompt_tuning(model, tmp_path / "peft")

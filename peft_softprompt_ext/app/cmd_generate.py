@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from peft import PeftModel
 
-from .. import adapter_dir
+from .. import adapter_dir, slots
 from ..constants import BASE_ADAPTER, TRAINING_INFO_NAME
 from .bundled import bundled_folder
 from .common import CliError, load_model, positive_int, resolve_device
@@ -111,13 +111,19 @@ def run(args: argparse.Namespace) -> int:
             model.load_adapter(path, adapter_name=name)
     model.eval()
     trained_with = {n: _trained_instruction(p) for n, p in specs}
+    system = {}  # an adapter whose prompt sits in a slot of the system turn
+    for name, _ in specs:
+        if model.peft_config[name].slots:
+            slots.add_slot_tokens(tokenizer, model, name)
+            system[name] = slots.slot_text(model, adapter_name=name)
     encoded = []
     for name, text in rows:
         if args.raw:
             encoded.append(tokenizer(text, add_special_tokens=False)["input_ids"])
             continue
         instruction = args.instruction if args.instruction is not None else trained_with.get(name)
-        encoded.append(tokenizer(format_example(tokenizer, text, instruction), add_special_tokens=False)["input_ids"])
+        formatted = format_example(tokenizer, text, instruction, system.get(name))
+        encoded.append(tokenizer(formatted, add_special_tokens=False)["input_ids"])
     ids, mask = left_pad(encoded, tokenizer.pad_token_id, device)
     kwargs = {"adapter_names": [BASE_ADAPTER if n == BASE_SELECTOR else n for n, _ in rows]} if specs else {}
     with torch.no_grad():

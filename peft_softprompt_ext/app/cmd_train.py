@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import argparse
+from dataclasses import fields
 from typing import Any
 
 from ..initializers import INITIALIZERS
 from .common import positive_float, positive_int
-from .recipe import TrainResult, TrainSettings, train
+from .recipe import PLACEMENTS, TrainResult, TrainSettings, train
 
 PROG = "softprompt"
 CLI_INITS = tuple(name for name in INITIALIZERS if name != "pretrained")  # "pretrained" needs --init-from: Python API
@@ -32,6 +33,13 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--num-tokens", type=positive_int, default=d.num_tokens, help=f"Virtual tokens ({d.num_tokens}).")
     p.add_argument("--init", choices=CLI_INITS, default=d.init, help=f"Initialisation (default {d.init}).")
     p.add_argument("--init-text", help="Text for --init text (default: a description of the task).")
+    p.add_argument(
+        "--placement",
+        choices=PLACEMENTS,
+        default=d.placement,
+        help="Where the soft prompt goes: before everything (prepend, default) or as a slot in the chat "
+        "template's system turn (system).",
+    )
     p.add_argument("--lr", type=positive_float, default=d.lr, help=f"AdamW learning rate (default {d.lr}).")
     p.add_argument("--steps", type=positive_int, default=d.steps, help=f"Optimizer steps (default {d.steps}).")
     p.add_argument("--batch-size", type=positive_int, default=d.batch_size, help=f"Examples per step ({d.batch_size}).")
@@ -61,7 +69,8 @@ def report(result: TrainResult, settings: TrainSettings, out: str) -> None:
         hard = f"zero-shot, hand-written instruction ({before.prompt_tokens} tokens)"
     else:
         hard = "zero-shot, no soft prompt" + (" (same instruction)" if settings.instruction else "")
-    soft = f"soft prompt ({settings.num_tokens} virtual tokens, {settings.steps} steps)"
+    where = ", in the system turn" if settings.placement == "system" else ""
+    soft = f"soft prompt ({settings.num_tokens} virtual tokens{where}, {settings.steps} steps)"
     width = max(len(hard), len(soft))
     print(f"\n{before.metric} on {before.n} held-out examples:")
     print(f"  before  {hard:<{width}}  {_fmt(before)}")
@@ -72,25 +81,8 @@ def report(result: TrainResult, settings: TrainSettings, out: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    settings = TrainSettings(
-        out=args.out,
-        model=args.model,
-        data=args.data,
-        eval_data=args.eval_data,
-        instruction=args.instruction,
-        num_tokens=args.num_tokens,
-        init=args.init,
-        init_text=args.init_text,
-        lr=args.lr,
-        steps=args.steps,
-        batch_size=args.batch_size,
-        eval_size=args.eval_size,
-        max_input_tokens=args.max_input_tokens,
-        seed=args.seed,
-        device=args.device,
-        overwrite=args.overwrite,
-        progress=not args.no_progress,
-    )
+    given = {f.name: getattr(args, f.name) for f in fields(TrainSettings) if hasattr(args, f.name)}
+    settings = TrainSettings(**given, progress=not args.no_progress)
     settings.validate()
     report(train(settings, log=print), settings, args.out)
     return 0

@@ -203,17 +203,19 @@ def supersense_instruction(labels: tuple[str, ...] = SUPERSENSE_LABELS) -> str:
     )
 
 
-def format_example(tokenizer, text: str, instruction: str | None = None) -> str:
+def format_example(tokenizer, text: str, instruction: str | None = None, system: str | None = None) -> str:
     """Render ``text`` (after ``instruction``) as a prompt ready for the model's answer.
 
     Instruct models get a chat-template user turn with the generation prompt appended, matching how
-    they were tuned; tokenizers without a chat template get plain text ending in a newline.
+    they were tuned (and, with `system`, that system turn: e.g. a soft prompt's slot); tokenizers without a
+    chat template get plain text ending in a newline.
     """
     content = f"{instruction}\n\n{text}" if instruction else text
     if getattr(tokenizer, "chat_template", None):
-        messages = [{"role": "user", "content": content}]
+        messages = [{"role": "system", "content": system}] if system is not None else []
+        messages.append({"role": "user", "content": content})
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    return f"{content}\n"
+    return f"{system}\n{content}\n" if system is not None else f"{content}\n"
 
 
 def label_token_ids(tokenizer, labels: tuple[str, ...] = SUPERSENSE_LABELS, prefix: str = " ") -> list[int]:

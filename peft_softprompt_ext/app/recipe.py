@@ -28,7 +28,7 @@ import torch
 from peft import get_peft_model
 from tqdm.auto import tqdm
 
-from .. import adapter_dir
+from .. import adapter_dir, slots
 from .. import cache as kv
 from ..architecture import probe
 from ..config import SoftPromptConfig
@@ -40,6 +40,7 @@ from .data import Example
 logger = logging.getLogger(__name__)
 
 BUILTIN_TASK = "supersense"
+PLACEMENTS = ("prepend", "system")  # where the soft prompt goes: before everything, or a slot in the system turn
 BUILTIN_INIT_TEXT = "Classify the noun into its WordNet category, such as animal, artifact or person:"
 DEFAULT_INIT_TEXT = "Read the input and reply with the expected output:"
 
@@ -65,6 +66,7 @@ class TrainSettings:
     device: str = "auto"
     overwrite: bool = False
     progress: bool = True
+    placement: str = "prepend"  # "prepend": before everything; "system": a slot in the chat template's system turn
 
     def validate(self) -> None:
         """Raise CliError naming the first bad option, and check --out, before any model is loaded."""
@@ -78,11 +80,15 @@ class TrainSettings:
             raise CliError(f"--lr must be a positive number, got {self.lr}")
         if self.eval_data and not self.data:
             raise CliError("--eval-data needs --data (the built-in task has its own held-out split)")
+        if self.placement not in PLACEMENTS:
+            raise CliError(f"--placement must be one of {', '.join(PLACEMENTS)}, got {self.placement!r}")
         self.check_out()
 
     def check_out(self) -> None:
         """--out must be writable, and either missing/empty or (with --overwrite) an adapter directory."""
         try:
+            if not self.out.strip():
+                raise CliError("--out is an empty path (an empty $OUT would name the working directory)")
             if self.overwrite:
                 adapter_dir.check_replaceable(self.out, "--out")
             elif os.path.isdir(self.out) and os.listdir(self.out):
@@ -174,13 +180,22 @@ def jsonl_task(path: str, eval_path: str | None, instruction: str | None, eval_s
     )
 
 
-def prompt_ids(tokenizer: Any, text: str, instruction: str | None, max_input_tokens: int) -> list[int]:
-    """Token ids of the formatted request; an over-long input is cut (from its end) before formatting."""
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    if len(ids) > max_input_tokens:
-        text = tokenizer.decode(ids[:max_input_tokens])
-    formatted = data.format_example(tokenizer, text, instruction)
-    return tokenizer(formatted, add_special_tokens=False)["input_ids"]
+@dataclass(frozen=True)
+class Prompting:
+    """How an example becomes a request: the instruction before it, the system turn (a slot's text for a soft
+    prompt placed there) and the input length cut."""
+
+    instruction: str | None
+    max_input_tokens: int
+    system: str | None = None
+
+    def ids(self, tokenizer: Any, text: str) -> list[int]:
+        """Token ids of the formatted request; an over-long input is cut (from its end) before formatting."""
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        if len(ids) > self.max_input_tokens:
+            text = tokenizer.decode(ids[: self.max_input_tokens])
+        formatted = data.format_example(tokenizer, text, self.instruction, self.system)
+        return tokenizer(formatted, add_special_tokens=False)["input_ids"]
 
 
 def target_ids(tokenizer: Any, output: str) -> list[int]:
@@ -267,15 +282,14 @@ def evaluate_ranking(
     model: Any,
     tokenizer: Any,
     examples: Sequence[Example],
-    instruction: str | None,
+    prompting: Prompting,
     labels: tuple[str, ...],
     batch_size: int,
-    max_input_tokens: int,
     progress: bool = False,
 ) -> EvalResult:
     """Accuracy of picking the label whose first token scores highest right after the request."""
     label_ids = data.label_token_ids(tokenizer, labels, prefix="")
-    rows = [prompt_ids(tokenizer, ex.input, instruction, max_input_tokens) for ex in examples]
+    rows = [prompting.ids(tokenizer, ex.input) for ex in examples]
     logits = _last_logits(model, rows, tokenizer.pad_token_id, batch_size, progress)
     scores = logits[:, label_ids]
     gold = torch.tensor([labels.index(ex.output) for ex in examples])
@@ -289,9 +303,8 @@ def evaluate_generation(
     model: Any,
     tokenizer: Any,
     examples: Sequence[Example],
-    instruction: str | None,
+    prompting: Prompting,
     batch_size: int,
-    max_input_tokens: int,
     progress: bool = False,
 ) -> EvalResult:
     """Exact match (stripped) of greedy generation, plus mean answer loss (teacher forced)."""
@@ -299,7 +312,7 @@ def evaluate_generation(
     pad = tokenizer.pad_token_id
     hits, losses = 0, []
     for chunk in tqdm(list(_chunks(examples, batch_size)), desc="eval", leave=False, disable=not progress):
-        rows = [prompt_ids(tokenizer, ex.input, instruction, max_input_tokens) for ex in chunk]
+        rows = [prompting.ids(tokenizer, ex.input) for ex in chunk]
         targets = [target_ids(tokenizer, ex.output) for ex in chunk]
         ids, mask = left_pad(rows, pad, device)
         new = max(len(t) for t in targets) + 2
@@ -323,14 +336,10 @@ def _lm_batch(
     return ids, mask, labels
 
 
-def evaluate(model: Any, tokenizer: Any, task: Task, instruction: str | None, settings: TrainSettings) -> EvalResult:
+def evaluate(model: Any, tokenizer: Any, task: Task, prompting: Prompting, progress: bool) -> EvalResult:
     if task.labels is not None:
-        return evaluate_ranking(
-            model, tokenizer, task.eval, instruction, task.labels, 16, settings.max_input_tokens, settings.progress
-        )
-    return evaluate_generation(
-        model, tokenizer, task.eval, instruction, 8, settings.max_input_tokens, settings.progress
-    )
+        return evaluate_ranking(model, tokenizer, task.eval, prompting, task.labels, 16, progress)
+    return evaluate_generation(model, tokenizer, task.eval, prompting, 8, progress)
 
 
 # --------------------------------------------------------------------------- model
@@ -380,7 +389,8 @@ def train(settings: TrainSettings, log: Any = print) -> TrainResult:
     log(f"task: {task.name}: {len(task.train)} training examples, {len(task.eval)} held out")
 
     torch.manual_seed(settings.seed)
-    before = evaluate(model, tokenizer, task, task.baseline_instruction, settings)
+    baseline = Prompting(task.baseline_instruction, settings.max_input_tokens)
+    before = evaluate(model, tokenizer, task, baseline, settings.progress)
     if task.baseline_instruction:
         before.prompt_tokens = len(tokenizer(task.baseline_instruction, add_special_tokens=False)["input_ids"])
 
@@ -392,14 +402,20 @@ def train(settings: TrainSettings, log: Any = print) -> TrainResult:
         init_text=init_text if settings.init == "text" else None,
         tokenizer_name_or_path=model_path,
         init_seed=settings.seed,
+        slots=[settings.num_tokens] if settings.placement == "system" else None,
     )
     peft_model = get_peft_model(model, config)
+    system = None
+    if config.slots:
+        slots.add_slot_tokens(tokenizer, peft_model)
+        system = slots.slot_text(peft_model)
+    prompting = Prompting(task.instruction, settings.max_input_tokens, system)
     params = [p for p in peft_model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: min(1.0, (step + 1) / max(1, settings.steps // 10))
     )
-    prompts = [prompt_ids(tokenizer, ex.input, task.instruction, settings.max_input_tokens) for ex in task.train]
+    prompts = [prompting.ids(tokenizer, ex.input) for ex in task.train]
     targets = [target_ids(tokenizer, ex.output) for ex in task.train]
     batches = training_batches(len(task.train), settings.batch_size, settings.seed)
 
@@ -424,7 +440,7 @@ def train(settings: TrainSettings, log: Any = print) -> TrainResult:
     train_seconds = time.perf_counter() - start
     peft_model.eval()
 
-    after = evaluate(peft_model, tokenizer, task, task.instruction, settings)
+    after = evaluate(peft_model, tokenizer, task, prompting, settings.progress)
     after.prompt_tokens = settings.num_tokens
 
     info = {

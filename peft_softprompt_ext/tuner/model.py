@@ -18,7 +18,7 @@ from .. import adapter_dir, card, slots
 from .. import cache as kv
 from ..architecture import Capabilities, max_positions, probe
 from ..config import SoftPromptConfig
-from ..constants import MODEL_CARD_NAME, PEFT_TYPE_NAME, prompt_parameter_key
+from ..constants import CONFIG_NAME, MODEL_CARD_NAME, PEFT_TYPE_NAME, prompt_parameter_key
 from ..decode import decode_model_prompt
 from ..distributed import PromptShardedError, full_shape, is_fsdp_module, local_weight, parameters_are_sharded
 from ..initializers import initial_prompt
@@ -454,15 +454,20 @@ class SoftPromptModel(PeftModel):
 
 
 def is_soft_prompt_source(model_id: Any, config: Any, kwargs: dict[str, Any]) -> bool:
-    """Whether `PeftModel.from_pretrained(model, model_id, config=config, **kwargs)` loads one of ours."""
+    """Whether `PeftModel.from_pretrained(model, model_id, config=config, **kwargs)` loads one of ours. A local
+    folder is recovered first (a write killed halfway is finished); its config's errors are ours to report."""
     if config is not None:
         return isinstance(config, SoftPromptConfig)
+    folder = os.path.join(os.fspath(model_id), kwargs.get("subfolder") or "")
+    if os.path.isdir(folder):
+        with adapter_dir.reading(folder):
+            if not os.path.lexists(os.path.join(folder, CONFIG_NAME)):
+                return False  # not an adapter directory at all: PEFT says so in its own words
+            return adapter_dir.read_config(folder).get("peft_type") == PEFT_TYPE_NAME
     try:
-        folder = os.path.join(os.fspath(model_id), kwargs.get("subfolder") or "")
-        if not os.path.isdir(folder):
-            folder = adapter_dir.resolve(model_id, **{k: kwargs[k] for k in HUB_KWARGS if k in kwargs})
+        folder = adapter_dir.resolve(model_id, **{k: kwargs[k] for k in HUB_KWARGS if k in kwargs})
         return adapter_dir.read_config(folder).get("peft_type") == PEFT_TYPE_NAME
-    except (OSError, ValueError, TypeError):
+    except (OSError, ValueError):
         return False
 
 
