@@ -7,6 +7,7 @@ PEFT has no public way to add a prompt-learning method from outside its tree, so
      ``PeftModel.from_pretrained`` and the ``AutoPeftModel*`` classes all return ours;
   3. routes ``PeftModel.from_pretrained`` of a soft-prompt adapter through our loader (safetensors only, read under
      the directory's lock, and ``is_trainable=True`` allowed: PEFT refuses it for every prompt-learning adapter).
+  4. adds our class names to the PEFT classes transformers' pipelines accept (they check by name).
 Everything else PEFT does (LoRA & co.) is left exactly as it was. The tuner subclasses PeftModel and overrides the
 private hooks listed in `_REQUIRED_INTERNALS`; the version check below covers those too.
 
@@ -28,6 +29,7 @@ from packaging import version
 from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
 from peft.peft_model import PeftModel
 from peft.utils.peft_types import PeftType, register_peft_method
+from transformers.pipelines.base import SUPPORTED_PEFT_TASKS
 
 from .constants import PEFT_TYPE_NAME, TESTED_PEFT
 
@@ -44,6 +46,7 @@ _REQUIRED_INTERNALS = (
     "peft.peft_model.PeftModel._check_new_adapter_config",
     "peft.peft_model.PeftModel.create_or_update_model_card",
     "peft.auto.MODEL_TYPE_TO_PEFT_MODEL_MAPPING",
+    "transformers.pipelines.base.SUPPORTED_PEFT_TASKS",
 )
 
 
@@ -154,6 +157,8 @@ def install(wiring: Wiring) -> None:
     if "__new__" in PeftModel.__dict__:
         raise PeftIncompatibleError("PeftModel now defines __new__ itself; the soft-prompt dispatch would replace it.")
     _wiring.append(wiring)
+    for names in SUPPORTED_PEFT_TASKS.values():
+        names += [ours.__name__ for peft_cls, ours in wiring.task_classes.items() if peft_cls.__name__ in names]
     PeftModel.__new__ = _dispatching_new
     PeftModel.from_pretrained = _wrap_from_pretrained(PeftModel.from_pretrained.__func__)
     logger.debug("Registered peft type %s", member.value)

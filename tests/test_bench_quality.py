@@ -10,6 +10,7 @@ import os
 import sys
 
 import pytest
+import tiny
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -33,16 +34,8 @@ def bench():
 
 
 def make_tokenizer():
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
     vocab = ["<pad>", "<s>", "</s>", "<unk>", "system", "user", "assistant", ":", ",", "."]
-    vocab += list(SUPERSENSE_LABELS) + WORDS
-    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(vocab)}, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
-    )
+    tokenizer = tiny.word_tokenizer(vocab + list(SUPERSENSE_LABELS) + WORDS, split_punctuation=False)
     tokenizer.chat_template = CHAT_TEMPLATE
     return tokenizer
 

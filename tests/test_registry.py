@@ -14,6 +14,7 @@ from peft import PeftModel, PeftModelForCausalLM, PeftType, get_peft_model
 from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
 
 from peft_softprompt_ext import SoftPromptConfig, SoftPromptModelForCausalLM, _peft_patch
+from peft_softprompt_ext.constants import AUTOLOAD_ENV
 
 
 def test_import_registers_the_type():
@@ -75,8 +76,9 @@ def test_peft_own_methods_behave_exactly_as_before(tmp_path):
         script = LORA_SCRIPT.format(
             tests=os.path.dirname(__file__), import_us=import_us, out_dir=str(tmp_path / str(import_us))
         )
+        env = {**os.environ, AUTOLOAD_ENV: "1" if import_us else "0"}  # without us: the start-up hook off too
         result = subprocess.run(
-            [sys.executable, "-c", textwrap.dedent(script)], capture_output=True, text=True, timeout=300
+            [sys.executable, "-c", textwrap.dedent(script)], capture_output=True, text=True, timeout=300, env=env
         )
         assert result.returncode == 0, result.stderr[-3000:]
         outputs.append(result.stdout.strip())
@@ -88,3 +90,35 @@ def test_missing_peft_internals_raise_a_clear_error(monkeypatch):
     monkeypatch.setattr(_peft_patch, "_REQUIRED_INTERNALS", _peft_patch._REQUIRED_INTERNALS + ("peft.no_such_mapping",))
     with pytest.raises(_peft_patch.PeftIncompatibleError, match=r"peft.no_such_mapping.*tested with peft"):
         _peft_patch.check_peft_version()
+
+
+AUTOLOAD_SCRIPT = """
+import json, sys
+at_start = dict(peft="peft" in sys.modules, torch="torch" in sys.modules,
+                hooked=any(type(f).__name__ == "PeftImportHook" for f in sys.meta_path))
+import importlib.util
+importlib.util.find_spec("peft")  # transformers' is_peft_available: must not import anything
+after_find_spec = "peft" in sys.modules or "peft_softprompt_ext" in sys.modules
+from peft import PEFT_TYPE_TO_CONFIG_MAPPING, PeftConfig
+registered = "SOFT_PROMPT" in PEFT_TYPE_TO_CONFIG_MAPPING
+config = type(PeftConfig.from_pretrained({adapter!r})).__name__ if registered else None
+print(json.dumps(dict(at_start=at_start, after_find_spec=after_find_spec, registered=registered, config=config)))
+"""
+
+
+@pytest.mark.parametrize("switch", ["on", "off"])
+def test_installing_the_package_registers_the_type_when_peft_is_imported(tmp_path, switch):
+    """The start-up hook (peft_softprompt_ext_autoload.pth): a fresh process that never imports us by name sees
+    SOFT_PROMPT as soon as it imports peft; nothing heavy is imported at start-up; the environment switch works."""
+    get_peft_model(
+        tiny.causal_lm("llama"), SoftPromptConfig(task_type="CAUSAL_LM", num_virtual_tokens=2)
+    ).save_pretrained(tmp_path)
+    env = {**os.environ, AUTOLOAD_ENV: "1" if switch == "on" else "0"}
+    script = AUTOLOAD_SCRIPT.format(adapter=str(tmp_path))
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    seen = json.loads(result.stdout.strip().splitlines()[-1])
+    assert seen["at_start"] == {"peft": False, "torch": False, "hooked": switch == "on"}
+    assert seen["after_find_spec"] is False
+    assert seen["registered"] is (switch == "on")
+    assert seen["config"] == ("SoftPromptConfig" if switch == "on" else None)

@@ -17,7 +17,7 @@ from .. import adapter_dir
 from ..constants import METRICS
 from ..decode import decode_prompt
 from ..vocab import load_tokenizer, special_token_ids
-from .common import CliError, positive_int, resolve_model
+from .common import CliError, load_error, positive_int, resolve_model
 
 logger = logging.getLogger(__name__)
 
@@ -52,8 +52,10 @@ def run(args: argparse.Namespace) -> int:
     if not base:
         raise CliError("the adapter config names no base model; pass --base MODEL")
     path, extra = resolve_model(base)
-    # the checkpoint's dtype: no float32 copy of a big model; never code from the folder
-    model = AutoModel.from_pretrained(path, dtype="auto", trust_remote_code=False, use_safetensors=True, **extra)
+    try:  # the checkpoint's dtype: no float32 copy of a big model; never code from the folder
+        model = AutoModel.from_pretrained(path, dtype="auto", trust_remote_code=False, use_safetensors=True, **extra)
+    except (OSError, ValueError) as err:
+        raise load_error(base, err) from err
     embeddings = model.get_input_embeddings()
     rows = embeddings.weight.shape[0]
     if saved.config.get("vocab_size") not in (None, rows):

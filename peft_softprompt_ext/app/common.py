@@ -110,14 +110,24 @@ def load_model(name: str | None, device: torch.device) -> tuple[Any, Any, str]:
             path, dtype=dtype, trust_remote_code=False, use_safetensors=True, **extra
         )
     except (OSError, ValueError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CliError(f"could not load model {name or path!r}: {first}") from err
+        raise load_error(name or path, err) from err
     if name is None or bundled_folder(name) is not None:
         name_as_hub_id(model, tokenizer)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     model.to(device).eval()
     return model, tokenizer, model.name_or_path or path
+
+
+def load_error(name: str, err: BaseException) -> CliError:
+    """One line for a failed load; a folder that needs its own code says so (never offered: we don't run it)."""
+    if "trust_remote_code" in str(err):
+        return CliError(
+            f"{name!r} needs custom code from its folder (auto_map) to load; peft-softprompt-ext never runs code "
+            "named by a model folder or a saved config (trust_remote_code=False)"
+        )
+    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return CliError(f"could not load model {name!r}: {first}")
 
 
 def versions() -> dict[str, str]:

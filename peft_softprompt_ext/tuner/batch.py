@@ -195,6 +195,14 @@ class Layout:
             return self.restore(value)
         return value
 
+    def restore_shifted(self, value: Any) -> Any:
+        """`restore` for a per-token output of the next-token pairs, [B, total - 1, ...] (entry j: position j
+        predicting j + 1, as fused heads return them): -> [B, L - 1, ...], entry t for the user's column t."""
+        if not isinstance(value, torch.Tensor) or value.dim() < 2 or value.shape[1] != self.total - 1:
+            return value
+        padded = torch.cat([value, value.new_zeros(value.shape[0], 1, *value.shape[2:])], dim=1)
+        return self.restore(padded)[:, :-1]
+
 
 @dataclass(frozen=True)
 class Remainder:

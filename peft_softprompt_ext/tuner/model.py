@@ -24,6 +24,7 @@ from ..distributed import PromptShardedError, full_shape, is_fsdp_module, local_
 from ..initializers import initial_prompt
 from ..prompt import SoftPromptEncoder
 from .batch import IGNORE_INDEX, LabelLayout, PromptBatch, make_batch, safe_token_id
+from .packing import Packing
 from .strategies import STRATEGIES, ExecutionPath, Purpose, choose, new_positions
 
 logger = logging.getLogger(__name__)
@@ -52,6 +53,7 @@ class SoftPromptModel(PeftModel):
     """The soft-prompt machinery shared by every task class (PEFT's own ``PeftModel`` API otherwise)."""
 
     token_level_keys: tuple[str, ...] = ("last_hidden_state", "hidden_states")
+    shifted_token_keys: tuple[str, ...] = ()
     label_layout: LabelLayout = LabelLayout.PER_SEQUENCE
     model_card_info: dict[str, Any] | None = None  # what the model card reports beyond the config (card.py)
 
@@ -427,6 +429,11 @@ class SoftPromptModel(PeftModel):
         if args:
             kwargs["input_ids"] = args[0]
         return_dict = kwargs.pop("return_dict", None)
+        packing = Packing.detect(kwargs)
+        if packing is not None:  # documents packed in a row: each gets its prompt, none sees another
+            outputs = self.forward(**packing.unpack(kwargs, safe_token_id(self.base_model.config)))
+            outputs = packing.repack(outputs, self.token_level_keys, self.shifted_token_keys)
+            return outputs if return_dict is not False else outputs.to_tuple()
         batch = self._batch(kwargs)
         if not batch.prompted:
             outputs = self.base_model(**self._bare_inputs(batch), return_dict=True, **batch.kwargs)

@@ -20,6 +20,7 @@ from typing import Any, Protocol
 
 import torch
 from torch import nn
+from transformers import StoppingCriteria, StoppingCriteriaList
 
 from .. import cache as kv
 from ..architecture import Capabilities, is_causal_decoder
@@ -44,6 +45,7 @@ class PromptedModel(Protocol):
     base_model: nn.Module
     word_embeddings: nn.Module
     token_level_keys: tuple[str, ...]  # outputs with one entry per position of the sequence
+    shifted_token_keys: tuple[str, ...]  # outputs with one entry per next-token pair (one shorter)
     label_layout: LabelLayout
 
     def prompt_rows(self, batch: PromptBatch) -> tuple[torch.Tensor, torch.Tensor]: ...
@@ -51,12 +53,36 @@ class PromptedModel(Protocol):
     def prefix_cache(self, batch: PromptBatch, frozen: bool, expand: int = 1) -> tuple[Any, torch.Tensor]: ...
 
 
-def _restore_outputs(outputs: Any, keys: tuple[str, ...], layout: Layout) -> Any:
-    for key in keys:
+def _restore_outputs(model: PromptedModel, outputs: Any, layout: Layout) -> Any:
+    """Token-level outputs back to the user's columns: per position (logits, hidden states) and per next-token pair
+    (the log-probs, entropies and masks of a fused head a trainer installed, one shorter)."""
+    for key in model.token_level_keys:
         value = outputs.get(key)
         if value is not None:
             outputs[key] = layout.restore_output(value)
+    for key in model.shifted_token_keys:
+        value = outputs.get(key)
+        if value is not None:
+            outputs[key] = layout.restore_shifted(value)
     return outputs
+
+
+class _UserView(StoppingCriteria):
+    """A caller's stopping criterion, shown the ids it would see without a soft prompt: the user's input_ids and
+    the new tokens (generate itself runs on placeholders + input, or from embeddings on new tokens only)."""
+
+    def __init__(self, inner: Any, input_ids: torch.Tensor, start: int) -> None:
+        self.inner, self.input_ids, self.start = inner, input_ids, start
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> Any:
+        prompt = self.input_ids.repeat_interleave(input_ids.shape[0] // self.input_ids.shape[0], 0)
+        return self.inner(torch.cat([prompt.to(input_ids.device), input_ids[:, self.start :]], dim=1), scores, **kwargs)
+
+
+def _user_view_criteria(kwargs: dict[str, Any], input_ids: torch.Tensor, start: int) -> None:
+    criteria = kwargs.get("stopping_criteria")
+    if criteria:
+        kwargs["stopping_criteria"] = StoppingCriteriaList([_UserView(c, input_ids, start) for c in criteria])
 
 
 def new_positions(model: nn.Module, kwargs: dict[str, Any], length: int) -> int:
@@ -104,7 +130,7 @@ class PrefixKV:
         context = kv.cache_kept_under_checkpointing(base) if not use_cache else contextlib.nullcontext()
         with context:
             outputs = base(**inputs, **batch.kwargs)
-        return _restore_outputs(outputs, model.token_level_keys, layout)
+        return _restore_outputs(model, outputs, layout)
 
     def _forward_fixed_prefix(self, model: PromptedModel, batch: PromptBatch) -> Any:
         """Inference with slots: each prompt's fixed prefix (hard tokens + virtual ones) comes from its compiled
@@ -149,6 +175,7 @@ class PrefixKV:
         start = cached.shape[1] + ids.shape[1]
         if kwargs.get("max_length") is not None:
             kwargs["max_length"] += start - batch.length
+        _user_view_criteria(kwargs, batch.input_ids, start)
         out = base.generate(
             input_ids=torch.cat([ids.new_full(cached.shape, safe), ids], dim=1),
             attention_mask=torch.cat([cached, rest.mask], dim=1),
@@ -199,7 +226,7 @@ class Concat:
         if labels is not None:
             inputs["labels"] = labels
         outputs = base(**inputs, return_dict=True, **batch.kwargs)
-        return _restore_outputs(outputs, model.token_level_keys, layout)
+        return _restore_outputs(model, outputs, layout)
 
     def generate(self, model: PromptedModel, batch: PromptBatch, **kwargs: Any) -> Any:
         """Generate from prompt + input embeddings (no cache hand-over): the fallback for any generative model."""
@@ -207,6 +234,8 @@ class Concat:
         seq, full_mask, layout = self._sequence(model, batch)
         if kwargs.get("max_length") is not None and not base.config.is_encoder_decoder:
             kwargs["max_length"] += layout.width
+        if batch.input_ids is not None and not base.config.is_encoder_decoder:
+            _user_view_criteria(kwargs, batch.input_ids, 0)
         out = base.generate(inputs_embeds=layout.apply(seq), attention_mask=layout.apply(full_mask), **kwargs)
         if batch.input_ids is None or base.config.is_encoder_decoder:
             return out

@@ -20,6 +20,8 @@ class SoftPromptModelForCausalLM(SoftPromptModel, PeftModelForCausalLM):
     """Causal LM: logits have the input's length; labels cover the user's tokens only."""
 
     token_level_keys = ("logits", "hidden_states")
+    # what a fused LM head returns instead of logits (TRL's, which needs labels): one entry per next-token pair
+    shifted_token_keys = ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1", "label_mask")
     label_layout = LabelLayout.NEXT_TOKEN
 
 

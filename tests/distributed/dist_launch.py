@@ -54,7 +54,7 @@ def worker_env(pg_timeout_s: int = 60, extra: dict | None = None) -> dict:
         HF_HUB_OFFLINE="1",
         TRANSFORMERS_OFFLINE="1",
         SOFTPROMPT_PG_TIMEOUT=str(pg_timeout_s),
-        PYTHONPATH=os.pathsep.join([str(WORKERS), str(REPO), env.get("PYTHONPATH", "")]),
+        PYTHONPATH=os.pathsep.join([str(WORKERS), str(REPO / "tests"), str(REPO), env.get("PYTHONPATH", "")]),
     )
     env.update(extra or {})
     return env

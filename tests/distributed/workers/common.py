@@ -7,12 +7,12 @@ import json
 import os
 from pathlib import Path
 
+import tiny  # tests/ is on the workers' PYTHONPATH (dist_launch)
 import torch
 
 import peft_softprompt_ext  # noqa: F401  (registers SOFT_PROMPT)
 
-VOCAB = 96
-WORDS = ["<pad>", "<s>", "</s>", "<unk>"] + [f"w{i}" for i in range(4, VOCAB)]
+VOCAB, WORDS = tiny.VOCAB, tiny.WORDS
 
 
 def pg_timeout() -> datetime.timedelta:
@@ -21,21 +21,7 @@ def pg_timeout() -> datetime.timedelta:
 
 
 def tiny_llama_config(hidden: int = 32, vocab: int = VOCAB):
-    from transformers import LlamaConfig
-
-    return LlamaConfig(
-        hidden_size=hidden,
-        intermediate_size=2 * hidden,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=vocab,
-        max_position_embeddings=128,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-        tie_word_embeddings=False,
-    )
+    return tiny.llama_config(hidden_size=hidden, intermediate_size=2 * hidden, vocab_size=vocab, tie_word_embeddings=False)
 
 
 def tiny_llama(seed: int = 0, hidden: int = 32, vocab: int = VOCAB):
@@ -46,14 +32,7 @@ def tiny_llama(seed: int = 0, hidden: int = 32, vocab: int = VOCAB):
 
 
 def tokenizer():
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(
-        tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
-    )
+    return tiny.word_tokenizer()
 
 
 def soft_prompt_model(seed: int = 0, num_virtual_tokens: int = 4, **config_kwargs):
