@@ -3,6 +3,7 @@ start-up hook installed with the package does it as soon as ``peft`` is imported
 
 from . import _peft_patch
 from ._peft_patch import PeftIncompatibleError
+from .architecture import UnsupportedModelError
 from .config import SoftPromptConfig
 from .constants import VERSION
 from .prompt import SoftPromptEncoder
@@ -40,4 +41,5 @@ __all__ = [
     "SoftPromptModelForSeq2SeqLM",
     "SoftPromptModelForSequenceClassification",
     "SoftPromptModelForTokenClassification",
+    "UnsupportedModelError",
 ]

@@ -173,8 +173,10 @@ def _allowed(key: str, config: Mapping[str, Any]) -> bool:
         return True
     if key.startswith(RESIDUAL_PREFIX):
         return config.get("reparameterization") == "residual"
-    modules = config.get("modules_to_save") or ()
-    return any(name in key.split(".") for name in modules)
+    # PEFT wraps every module whose name ends with a modules_to_save entry; its parameters (and its children's) follow
+    parts = key.split(".")[:-1]
+    prefixes = [".".join(parts[: i + 1]) for i in range(len(parts))]
+    return any(p.endswith(name) for p in prefixes for name in config.get("modules_to_save") or ())
 
 
 def validate_tensors(tensors: Mapping[str, torch.Tensor], config: Mapping[str, Any], source: str) -> None:

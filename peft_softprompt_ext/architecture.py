@@ -18,24 +18,46 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
 from . import cache as kv
+from .vocab import embed
 
 logger = logging.getLogger(__name__)
 
-PROBE_PROMPT, PROBE_INPUT = 2, 3  # dummy virtual tokens and input tokens of the probe
+PROBE_PROMPT, PROBE_INPUT, PROBE_PADS = 2, 3, 6  # dummy virtual tokens, input tokens, pads of the probe
+PROBE_MAX_WINDOW = 64  # a sliding window up to this long is also probed with a prompt that overflows it
+
+
+class UnsupportedModelError(RuntimeError):
+    """The base model can't take a soft prompt at all: it runs neither from prompt + input embeddings nor with the
+    prompt in its cache."""
 
 
 @dataclass(frozen=True)
 class Capabilities:
-    """`prefix_kv`: the prompt's KV cache can be shared (else concatenation; `reason` says why not).
-    `local_attention`: some layer attends within a window (sliding / chunked), so pads must never sit between the
-    prompt and the text."""
+    """`concat`: the model runs from prompt + input embeddings (else `concat_reason`). `prefix_kv`: the prompt's KV
+    cache can be shared (else `reason` says why not). `pads_matter`: pads between the prompt and the text change the
+    result (a sliding window, ALiBi or relative biases count columns), so they must never sit there.
+    `leading_pads_ok`: pads go before everything (a causal model where they change nothing, so the last column is a
+    real token, what heads and generation read; a bidirectional one whose head pools the last column), else after
+    the text. `causal`: the model
+    attends causally (the prompt's keys then don't depend on the input)."""
 
     prefix_kv: bool
     reason: str
-    local_attention: bool = False
+    pads_matter: bool = False
+    concat: bool = True
+    concat_reason: str = ""
+    leading_pads_ok: bool = True
+    causal: bool = False
+
+    def check_supported(self, model_type: str) -> None:
+        """Concatenation is the reference every path is checked against: without it nothing can be trusted."""
+        if not self.concat:
+            raise UnsupportedModelError(
+                f"{model_type} can't take a soft prompt: its forward fails on input embeddings ({self.concat_reason}). "
+                "Soft prompts need a model that runs from input embeddings."
+            )
 
 
 def max_positions(config: Any) -> int | None:
@@ -49,13 +71,24 @@ def max_positions(config: Any) -> int | None:
     return None
 
 
-def is_causal_decoder(model: nn.Module) -> bool:
-    """A decoder-only causal LM architecture (transformers' own mappings), where pads may go before the prompt."""
-    config = getattr(model, "config", None)
-    if config is None or getattr(config, "is_encoder_decoder", False):
+def _causal(model: nn.Module, embeddings: nn.Module, prompt: torch.Tensor, ids: torch.Tensor) -> bool:
+    """Whether the model attends causally (decided by looking, not by its name): its last hidden states before the
+    final position must not move when the final token changes."""
+    if getattr(model.config, "is_encoder_decoder", False):
         return False
-    model_type = getattr(config, "model_type", None)
-    return model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and model_type not in MODEL_FOR_MASKED_LM_MAPPING_NAMES
+    changed = ids.clone()
+    changed[:, -1] = (changed[:, -1] + 1) % embeddings.weight.shape[0]
+    states = []
+    for row in (ids, changed):
+        embeds = torch.cat(
+            [prompt.unsqueeze(0).expand(row.shape[0], -1, -1), embed(embeddings, row).to(prompt.dtype)], 1
+        )
+        out = model(inputs_embeds=embeds, output_hidden_states=True)
+        hidden = getattr(out, "hidden_states", None)
+        if not hidden:
+            return False
+        states.append(hidden[-1][:, :-1])
+    return _relative(states[1], states[0]) <= _tolerance(prompt.dtype)
 
 
 @contextlib.contextmanager
@@ -74,54 +107,125 @@ def _tolerance(dtype: torch.dtype) -> float:
     return 5e-2 if reduced else 1e-3
 
 
-def _compare_paths(model: nn.Module, embeddings: nn.Module, prompt_cache: Any, prompt: torch.Tensor) -> float:
-    """Max |logit difference| between the shared-KV and the concatenated forward, relative to the logit scale."""
-    device = prompt.device
-    rows = embeddings.weight.shape[0]
-    ids = (torch.arange(2 * PROBE_INPUT, device=device).view(2, PROBE_INPUT) * 7 + 3) % rows
-    positions = torch.arange(PROBE_PROMPT + PROBE_INPUT, device=device).expand(2, -1)
-    with_positions = kv.accepts(model, "position_ids")
-    extra = {"position_ids": positions[:, PROBE_PROMPT:]} if with_positions else {}
-    shared = model(
-        input_ids=ids,
-        attention_mask=torch.ones(2, PROBE_PROMPT + PROBE_INPUT, dtype=torch.long, device=device),
-        use_cache=False,
-        **{kv.cache_kwarg(model): kv.for_batch(prompt_cache, 2)},
-        **extra,
-    ).logits
-    embeds = torch.cat([prompt.unsqueeze(0).expand(2, -1, -1), embeddings(ids).to(prompt.dtype)], dim=1)
-    extra = {"position_ids": positions} if with_positions else {}
-    concat = model(inputs_embeds=embeds, use_cache=False, **extra).logits[:, PROBE_PROMPT:]
-    if shared.shape != concat.shape:
-        raise ValueError(f"logits of shape {tuple(shared.shape)} against {tuple(concat.shape)}")
-    scale = max(1.0, float(concat.abs().max()))
-    return float((shared.float() - concat.float()).abs().max()) / scale
+def _probe_ids(embeddings: nn.Module, rows: int, length: int, offset: int = 0) -> torch.Tensor:
+    device = embeddings.weight.device
+    return (torch.arange(rows * length, device=device).view(rows, length) * 7 + 3 + offset) % embeddings.weight.shape[0]
+
+
+def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).abs().max()) / max(1.0, float(b.float().abs().max()))
+
+
+def _concat_logits(
+    model: nn.Module, embeddings: nn.Module, prompt: torch.Tensor, ids: torch.Tensor, pads: int = 0, lead: bool = True
+) -> torch.Tensor:
+    """The model on [prompt ; input] embeddings, positions 0..P+L-1 (the reference every path must equal); with
+    `pads`, the first row has that many masked pads before everything (`lead`) or after the text (the other rows:
+    real tokens there). Per-token outputs come back for the first row's real columns only."""
+    rows, length = ids.shape
+    embeds = torch.cat([prompt.unsqueeze(0).expand(rows, -1, -1), embed(embeddings, ids).to(prompt.dtype)], 1)
+    mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=ids.device)
+    if pads:
+        filler = embed(embeddings, _probe_ids(embeddings, rows, pads, offset=5)).to(prompt.dtype)
+        parts = [filler, embeds] if lead else [embeds, filler]
+        embeds, mask = torch.cat(parts, 1), torch.cat([mask.new_ones(rows, pads), mask], 1)
+        if lead:
+            mask[0, :pads] = 0
+        else:
+            mask = mask.roll(-pads, 1)
+            mask[0, -pads:] = 0
+    extra: dict[str, Any] = {"attention_mask": mask}
+    if getattr(model.config, "is_encoder_decoder", False):
+        start = getattr(model.config, "decoder_start_token_id", None) or 0
+        extra["decoder_input_ids"] = torch.full((rows, 1), start, dtype=torch.long, device=ids.device)
+    elif kv.accepts(model, "position_ids"):
+        extra["position_ids"] = (mask.cumsum(-1) - 1).clamp_min(0)
+    out = model(inputs_embeds=embeds, **extra)
+    value = out.logits if getattr(out, "logits", None) is not None else out[0]
+    if value.dim() != 3 or value.shape[1] != embeds.shape[1]:
+        return value  # pooled (sequence classification)
+    first = (pads if lead else 0) + prompt.shape[0]
+    return value[:, first : first + length]
+
+
+def _shared_logits(model: nn.Module, prompt_cache: Any, ids: torch.Tensor, pads: int = 0) -> torch.Tensor:
+    """The shared-KV forward; with `pads`, the first row has that many masked columns between the prompt and its
+    text (the other rows real tokens there: a ragged batch, as users send)."""
+    rows, length = ids.shape
+    width = kv.cache_length(prompt_cache)
+    padded = torch.cat([(ids[:, :1] + 1).expand(rows, pads), ids], dim=1)
+    mask = torch.cat([ids.new_ones(rows, width), ids.new_ones(rows, pads + length)], dim=1)
+    mask[0, width : width + pads] = 0
+    extra = {}
+    if kv.accepts(model, "position_ids"):
+        extra["position_ids"] = (mask[:, width:].cumsum(-1) - 1).clamp_min(0) + width
+    cache = kv.for_batch(prompt_cache, rows)
+    out = model(input_ids=padded, attention_mask=mask, use_cache=False, **{kv.cache_kwarg(model): cache}, **extra)
+    return out.logits[:, pads:] if out.logits.dim() == 3 else out.logits  # per token, or pooled (SEQ_CLS)
+
+
+def _prefix_kv(model: nn.Module, embeddings: nn.Module, prompt: torch.Tensor, reference: torch.Tensor, ids) -> tuple:
+    """(prefix_kv, reason, pads_matter, smallest window or None), comparing the shared-KV forward with the
+    concatenated one, unpadded and in a ragged batch (the caller has checked that the model is causal)."""
+    if kv.cache_kwarg(model) is None or kv.cache_kwarg(kv.backbone_of(model)) is None:
+        return False, "the model takes no KV cache", False, None
+    try:
+        prompt_cache = kv.prompt_cache(model, prompt)
+        if kv.plain_layers(prompt_cache) is None:
+            layers = sorted({type(layer).__name__ for layer in getattr(prompt_cache, "layers", ())})
+            why = f"its cache ({type(prompt_cache).__name__}, layers {layers or 'none'}) is not plain key/value"
+            return False, why, False, None
+        error = _relative(_shared_logits(model, prompt_cache, ids), reference)
+        padded = _relative(_shared_logits(model, prompt_cache, ids, pads=PROBE_PADS)[:1], reference[:1])
+        model.train()  # a training forward must keep returning the prompt's cache
+        kv.prompt_cache(model, prompt)
+    except Exception as err:  # whatever the architecture does, the answer is "use concatenation"
+        return False, f"the shared-KV forward fails ({type(err).__name__}: {err})", False, None
+    finally:
+        model.eval()
+    if error > _tolerance(prompt.dtype):
+        return False, f"the shared-KV logits differ from concatenation by {error:.2g} (relative)", False, None
+    pads_matter = kv.has_local_attention(prompt_cache) or padded > _tolerance(prompt.dtype)
+    return True, "plain per-layer KV cache, equal to concatenation", pads_matter, kv.smallest_window(prompt_cache)
 
 
 def probe(model: nn.Module, embeddings: nn.Module) -> Capabilities:
-    """Decide, for `model` (the base model) as it is, whether the shared prompt KV path applies."""
-    config = getattr(model, "config", None)
-    if getattr(config, "is_encoder_decoder", False):
-        return Capabilities(False, "encoder-decoder model: the prompt is concatenated before the encoder input")
-    if not is_causal_decoder(model):
-        return Capabilities(False, "not a decoder-only causal LM")
-    if kv.cache_kwarg(model) is None or kv.cache_kwarg(kv.backbone_of(model)) is None:
-        return Capabilities(False, "the model takes no KV cache")
-    weight = embeddings.weight
-    ids = torch.arange(PROBE_PROMPT, device=weight.device) + 3
+    """Decide, for `model` (the base model) as it is, which paths apply: concatenation (does it run from
+    prompt + input embeddings? where may pads go?) and the shared prompt KV (causal attention, equal to
+    concatenation, also in a ragged batch and with a prompt longer than a small sliding window)."""
+    ids = _probe_ids(embeddings, 2, PROBE_INPUT)
     with _evaluating(model):
+        prompt = embed(embeddings, _probe_ids(embeddings, 1, PROBE_PROMPT, offset=1)[0]).detach()
         try:
-            prompt = embeddings(ids % weight.shape[0]).detach()
-            prompt_cache = kv.prompt_cache(model, prompt)
-            if kv.plain_layers(prompt_cache) is None:
-                layers = sorted({type(layer).__name__ for layer in getattr(prompt_cache, "layers", ())})
-                return Capabilities(
-                    False,
-                    f"its cache ({type(prompt_cache).__name__}, layers {layers or 'none'}) is not plain key/value",
-                )
-            error = _compare_paths(model, embeddings, prompt_cache, prompt)
-        except Exception as err:  # whatever the architecture does, the answer is "use concatenation"
-            return Capabilities(False, f"the shared-KV forward fails ({type(err).__name__}: {err})")
-    if error > _tolerance(weight.dtype):
-        return Capabilities(False, f"the shared-KV logits differ from concatenation by {error:.2g} (relative)")
-    return Capabilities(True, "plain per-layer KV cache, equal to concatenation", kv.has_local_attention(prompt_cache))
+            reference = _concat_logits(model, embeddings, prompt, ids)
+        except Exception as err:  # the model's forward can't take embeddings (or not these)
+            return Capabilities(False, "concatenation is impossible", False, False, f"{type(err).__name__}: {err}")
+        pads_first = _pads_ok(model, embeddings, prompt, reference, ids, lead=True)
+        encoder_decoder = getattr(model.config, "is_encoder_decoder", False)
+        if encoder_decoder or not _causal(
+            model, embeddings, prompt, ids
+        ):  # pads after the text unless only before works
+            pads_last = _pads_ok(model, embeddings, prompt, reference, ids, lead=False)
+            reason = (
+                "encoder-decoder model: the prompt is concatenated before the encoder input"
+                if encoder_decoder
+                else "bidirectional attention: the prompt's keys depend on the input"
+            )
+            return Capabilities(False, reason, leading_pads_ok=pads_first and not pads_last)
+        prefix_kv, reason, pads_matter, window = _prefix_kv(model, embeddings, prompt, reference, ids)
+        if prefix_kv and window is not None and window <= PROBE_MAX_WINDOW:
+            longer = embed(embeddings, _probe_ids(embeddings, 1, window + 1, offset=1)[0]).detach()
+            prefix_kv, reason, pads_matter, _ = _prefix_kv(
+                model, embeddings, longer, _concat_logits(model, embeddings, longer, ids), ids
+            )
+    return Capabilities(prefix_kv, reason, pads_matter, leading_pads_ok=pads_first, causal=True)
+
+
+def _pads_ok(model: nn.Module, embeddings: nn.Module, prompt: torch.Tensor, reference, ids, lead: bool) -> bool:
+    """Whether masked pads before everything (`lead`) or after the text leave the first row's outputs unchanged:
+    not where positions come from the length, or where a head pools a fixed column (BERT's first, XLNet's last)."""
+    try:
+        padded = _concat_logits(model, embeddings, prompt, ids, pads=PROBE_PADS, lead=lead)
+    except Exception:  # noqa: BLE001  a model that can't take a mask with pads there
+        return False
+    return _relative(padded[:1], reference[:1]) <= _tolerance(prompt.dtype)

@@ -35,6 +35,12 @@ def accepts(module: nn.Module, name: str) -> bool:
     return name in inspect.signature(module.forward).parameters
 
 
+def generates_from_embeds(model: nn.Module) -> bool:
+    """Whether `model.generate(inputs_embeds=...)` works for a decoder-only model (transformers' own test)."""
+    prepare = getattr(model, "prepare_inputs_for_generation", None)
+    return prepare is not None and "inputs_embeds" in inspect.signature(prepare).parameters
+
+
 def output_cache(outputs: Any) -> Any:
     for name in CACHE_NAMES:
         value = getattr(outputs, name, None)
@@ -142,7 +148,7 @@ def plain_layers(cache: Any) -> list[Any] | None:
     """The cache's per-layer key/value holders when it is a DynamicCache whose every layer is a plain attention
     layer (`PLAIN_LAYERS`): then a prompt can be prepended. None for anything else (linear attention, SSM or conv
     state, sparse-attention indexers, quantised, static or unknown layers)."""
-    layers = getattr(cache, "layers", None) if isinstance(cache, DynamicCache) else None
+    layers = getattr(cache, "layers", None) if type(cache) is DynamicCache else None  # subclasses carry more state
     if not layers:
         return None
     for layer in layers:
@@ -151,6 +157,12 @@ def plain_layers(cache: Any) -> list[Any] | None:
         if not (isinstance(layer.keys, torch.Tensor) and layer.keys.dim() == 4 and layer.values.dim() == 4):
             return None
     return list(layers)
+
+
+def smallest_window(cache: Any) -> int | None:
+    """The shortest sliding window among the cache's layers, or None."""
+    windows = [layer.sliding_window for layer in getattr(cache, "layers", ()) if getattr(layer, "is_sliding", False)]
+    return min(windows) if windows else None
 
 
 def has_local_attention(cache: Any) -> bool:

@@ -36,7 +36,7 @@ from torch.nn import functional as F
 
 from .constants import METRICS
 from .distributed import full_shape, gathered_params
-from .vocab import load_tokenizer, special_token_ids
+from .vocab import embed, load_tokenizer, special_token_ids
 
 logger = logging.getLogger(__name__)
 _CHUNK_ELEMENTS = 1 << 24  # float32 elements of one table chunk (64 MiB): bounds the extra memory to O(chunk)
@@ -69,7 +69,7 @@ def _lookup(embeddings: torch.Tensor | nn.Module, ids: torch.Tensor) -> torch.Te
     """Embeddings of `ids` as the model sees them (a module may scale its rows), float32."""
     device = _weight_of(embeddings).device
     ids = ids.to(device)
-    rows = embeddings[ids] if isinstance(embeddings, torch.Tensor) else embeddings(ids)
+    rows = embeddings[ids] if isinstance(embeddings, torch.Tensor) else embed(embeddings, ids)
     return rows.detach().float()
 
 

@@ -22,7 +22,7 @@ from torch import nn
 
 from . import adapter_dir
 from .distributed import full_shape, gathered_params
-from .vocab import load_tokenizer, special_token_ids
+from .vocab import embed, load_tokenizer, special_token_ids
 
 logger = logging.getLogger(__name__)
 
@@ -110,7 +110,7 @@ def fit_length(ids: list[int], n: int, what: str) -> list[int]:
 def embedding_rows(embeddings: nn.Module, ids: list[int]) -> torch.Tensor:
     """Rows through the module, not raw weights: the prompt must live where the model's layers read it."""
     with gathered_params([embeddings.weight]), torch.no_grad():
-        return embeddings(torch.tensor(ids, device=embeddings.weight.device)).float().cpu().clone()
+        return embed(embeddings, torch.tensor(ids, device=embeddings.weight.device)).float().cpu().clone()
 
 
 def text_ids(ctx: InitContext) -> list[int]:
@@ -176,7 +176,7 @@ def matched_random(ctx: InitContext, chunk_rows: int = 16384) -> torch.Tensor:
         total_sq = torch.zeros_like(total)
         for start in range(0, count, chunk_rows):
             ids = torch.arange(start, min(start + chunk_rows, count), device=weight.device)
-            rows = ctx.embeddings(ids).to("cpu", torch.float64)
+            rows = embed(ctx.embeddings, ids).to("cpu", torch.float64)
             total += rows.sum(0)
             total_sq += (rows * rows).sum(0)
     mean = total / count

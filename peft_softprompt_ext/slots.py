@@ -92,6 +92,22 @@ class SlotPlan:
     start: torch.Tensor
     placeholder_ids: torch.Tensor  # every slot id of every loaded adapter (never embedded)
 
+    def for_row(self, b: int, keep: torch.Tensor) -> SlotPlan:
+        """The plan of row b alone, with only the columns `keep` (its real tokens)."""
+        new_col = keep.long().cumsum(0) - 1
+        chosen = self.rows == b
+        rows = torch.zeros(int(chosen.sum()), dtype=torch.long, device=self.rows.device)
+        end = int(new_col[self.prefix_end[b] - 1]) + 1 if int(self.prefix_end[b]) else 0
+        return SlotPlan(
+            rows,
+            new_col[self.cols[chosen]],
+            self.index[chosen],
+            self.slotted[b : b + 1],
+            self.prefix_end.new_tensor([end]),
+            self.start.new_zeros(1),
+            self.placeholder_ids,
+        )
+
     def clean_ids(self, input_ids: torch.Tensor, safe_id: int) -> torch.Tensor:
         """`input_ids` with every placeholder replaced by an id the embedding table has."""
         return input_ids.masked_fill(torch.isin(input_ids, self.placeholder_ids.to(input_ids.device)), safe_id)

@@ -7,7 +7,9 @@ import os
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+import torch
 from huggingface_hub import try_to_load_from_cache
+from torch import nn
 from transformers import AutoTokenizer
 
 _SPECIAL_CONFIG_IDS = (
@@ -49,3 +51,9 @@ def special_token_ids(tokenizer: Any = None, model_config: Any = None) -> set[in
             value = getattr(model_config, name, None)
             ids.update(value if isinstance(value, Iterable) else ([value] if value is not None else []))
     return {int(i) for i in ids}
+
+
+def embed(embeddings: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """`embeddings(ids)` as a tensor: some models' embedding modules also return a scale (I-BERT's quantised one)."""
+    out = embeddings(ids)
+    return out[0] if isinstance(out, tuple) else out

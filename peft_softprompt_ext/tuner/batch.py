@@ -167,11 +167,14 @@ class Layout:
         return Layout(slots.shape[1], full.shape[1], order)
 
     @staticmethod
-    def pads_last(mask: torch.Tensor) -> Layout:
-        """Real tokens first, pads after them, for a prompt that sits in the cache: [prompt][text][pads]."""
-        left_padded = bool((mask[:, :-1] < mask[:, 1:]).any())
-        order = torch.argsort(1 - mask, dim=1, stable=True) if left_padded else None
-        return Layout(0, mask.shape[1], order)
+    def pads_last(slots: torch.Tensor, mask: torch.Tensor) -> Layout:
+        """Every real position first (the prompt, then the text), pads after them: [prompt][text][pads]. For models
+        that count columns (relative biases, windows, positions from the length) and for a prompt in the cache
+        (zero slots)."""
+        full = torch.cat([slots, mask], dim=1)
+        gaps = bool((full[:, :-1] < full[:, 1:]).any())
+        order = torch.argsort(1 - full, dim=1, stable=True) if gaps else None
+        return Layout(slots.shape[1], full.shape[1], order)
 
     @staticmethod
     def identity(slots_width: int, length: int) -> Layout:

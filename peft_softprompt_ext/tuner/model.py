@@ -16,13 +16,14 @@ from torch import nn
 
 from .. import adapter_dir, card, slots
 from .. import cache as kv
-from ..architecture import Capabilities, max_positions, probe
+from ..architecture import Capabilities, UnsupportedModelError, max_positions, probe
 from ..config import SoftPromptConfig
 from ..constants import CONFIG_NAME, MODEL_CARD_NAME, PEFT_TYPE_NAME, prompt_parameter_key
 from ..decode import decode_model_prompt
 from ..distributed import PromptShardedError, full_shape, is_fsdp_module, local_weight, parameters_are_sharded
 from ..initializers import initial_prompt
 from ..prompt import SoftPromptEncoder
+from ..vocab import embed
 from .batch import IGNORE_INDEX, LabelLayout, PromptBatch, make_batch, safe_token_id
 from .packing import Packing
 from .strategies import STRATEGIES, ExecutionPath, Purpose, choose, new_positions
@@ -70,7 +71,7 @@ class SoftPromptModel(PeftModel):
         model_config = getattr(self.base_model, "config", None)
         text = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
         if config.token_dim is None:
-            config.token_dim = int(full_shape(self.base_model.get_input_embeddings().weight)[1])
+            config.token_dim = int(full_shape(self._input_embeddings().weight)[1])
         for field, names in {
             "num_layers": ("num_hidden_layers", "num_layers", "n_layer"),
             "num_attention_heads": ("num_attention_heads", "n_head", "num_heads", "encoder_attention_heads"),
@@ -79,6 +80,16 @@ class SoftPromptModel(PeftModel):
                 found = next((getattr(text, n) for n in names if isinstance(getattr(text, n, None), int)), None)
                 setattr(config, field, found if found is not None else 1)  # unused by an input-level prompt
 
+    def _input_embeddings(self) -> nn.Module:
+        """The base model's token embedding module: a soft prompt lives in its space (refused when there is none)."""
+        embeddings = self.base_model.get_input_embeddings()
+        if not isinstance(embeddings, nn.Module) or not isinstance(getattr(embeddings, "weight", None), torch.Tensor):
+            raise UnsupportedModelError(
+                f"{type(self.base_model).__name__}.get_input_embeddings() is a {type(embeddings).__name__}, not an "
+                "embedding module with a weight: soft prompts need one (the model takes something other than tokens)."
+            )
+        return embeddings
+
     def _setup_prompt_encoder(self, adapter_name: str) -> None:
         config: SoftPromptConfig = self.peft_config[adapter_name]
         if not hasattr(self, "prompt_encoder"):
@@ -86,7 +97,7 @@ class SoftPromptModel(PeftModel):
             self.prompt_tokens = {}
         for param in self.base_model.parameters():
             param.requires_grad = False
-        embeddings = self.base_model.get_input_embeddings()
+        embeddings = self._input_embeddings()
         self.word_embeddings = embeddings
         rows, dim = full_shape(embeddings.weight)
         self._check_compatible(config, rows, dim)
@@ -319,7 +330,7 @@ class SoftPromptModel(PeftModel):
         def build() -> tuple[Any, torch.Tensor]:
             row = ids.view(1, -1)
             plan = slots.plan(row, torch.ones_like(row), [name], self.peft_config)
-            embeds = self.word_embeddings(plan.clean_ids(row, safe_token_id(self.base_model.config)))
+            embeds = embed(self.word_embeddings, plan.clean_ids(row, safe_token_id(self.base_model.config)))
             prompt = self.prompt_embeddings(name).to(self._model_dtype)
             embeds = plan.splice(embeds, {0: prompt}, torch.zeros(1, dtype=torch.long, device=row.device))
             positions = torch.arange(row.shape[1], device=row.device).unsqueeze(0)
@@ -380,10 +391,14 @@ class SoftPromptModel(PeftModel):
     def _path(self, batch: PromptBatch | None, purpose: Purpose) -> ExecutionPath:
         names = [n for n in (batch.names if batch else [self.active_adapter]) if n is not None]
         shared = all(self.peft_config[n].shared_prompt_kv for n in names)
-        if not shared:  # probing costs a forward: only when the config asks for sharing
-            return ExecutionPath.CONCAT
-        blockers = self._blockers() + (self._slot_blockers(batch, purpose) if batch is not None else [])
-        path, _ = choose(self.capabilities, shared, blockers, batch, purpose)
+        capabilities = self.capabilities
+        capabilities.check_supported(getattr(self.base_model.config, "model_type", type(self.base_model).__name__))
+        blockers = self._blockers()
+        if batch is not None:
+            blockers += self._slot_blockers(batch, purpose)
+            if batch.labels is not None and self.label_layout is LabelLayout.PER_TOKEN:
+                blockers.append("token labels (a token-classification loss reads the attention mask as its own)")
+        path, _ = choose(capabilities, shared, blockers, batch, purpose)
         return path
 
     @property
@@ -440,7 +455,7 @@ class SoftPromptModel(PeftModel):
         else:
             self._check_length(batch)
             path = self._path(batch, Purpose.FORWARD)
-            local = path is ExecutionPath.PREFIX_KV and self.capabilities.local_attention
+            local = path is ExecutionPath.PREFIX_KV and self.capabilities.pads_matter
             outputs = STRATEGIES[path].forward(self, batch, local)
         return outputs if return_dict is not False else outputs.to_tuple()
 

@@ -23,7 +23,8 @@ from torch import nn
 from transformers import StoppingCriteria, StoppingCriteriaList
 
 from .. import cache as kv
-from ..architecture import Capabilities, is_causal_decoder
+from ..architecture import Capabilities, UnsupportedModelError
+from ..vocab import embed
 from .batch import LabelLayout, Layout, PromptBatch, Remainder, base_labels, safe_token_id
 
 logger = logging.getLogger(__name__)
@@ -51,6 +52,9 @@ class PromptedModel(Protocol):
     def prompt_rows(self, batch: PromptBatch) -> tuple[torch.Tensor, torch.Tensor]: ...
 
     def prefix_cache(self, batch: PromptBatch, frozen: bool, expand: int = 1) -> tuple[Any, torch.Tensor]: ...
+
+    @property
+    def capabilities(self) -> Capabilities: ...
 
 
 def _restore_outputs(model: PromptedModel, outputs: Any, layout: Layout) -> Any:
@@ -112,7 +116,12 @@ class PrefixKV:
         cache, cached, _ = model.prefix_cache(batch, frozen=not use_cache)
         cached = cached.to(device=batch.device, dtype=batch.mask.dtype)
         # a window must not be spent on pads: move them after the text (the prompt is the cache, always first)
-        layout = Layout.pads_last(batch.mask) if local_attention and not use_cache else Layout.identity(0, batch.length)
+        no_slots = batch.mask[:, :0]
+        layout = (
+            Layout.pads_last(no_slots, batch.mask)
+            if local_attention and not use_cache
+            else Layout.identity(0, batch.length)
+        )
         inputs: dict[str, Any] = {kv.cache_kwarg(base): cache, "use_cache": use_cache, "return_dict": True}
         if batch.input_ids is not None:
             inputs["input_ids"] = layout.apply(batch.input_ids)
@@ -185,28 +194,39 @@ class PrefixKV:
         return _with_input(out, batch.input_ids, start)
 
 
+def _concat_layout(capabilities: Capabilities, slots: torch.Tensor, mask: torch.Tensor) -> Layout:
+    """Pads before the prompt for a causal decoder where leading pads change nothing (the last column is then a real
+    token for every row, what heads and generation read); after the text for everything else (encoders, positions
+    from the length): [pads][prompt][text] or [prompt][text][pads]."""
+    if capabilities.leading_pads_ok:
+        return Layout.pads_first(slots, mask)
+    return Layout.pads_last(slots, mask)
+
+
 class Concat:
     """The prompt embeddings before the input embeddings; prompt positions cut from the outputs."""
 
     path = ExecutionPath.CONCAT
 
-    def _sequence(self, model: PromptedModel, batch: PromptBatch) -> tuple[torch.Tensor, torch.Tensor, Layout]:
+    def _sequence(
+        self, model: PromptedModel, batch: PromptBatch, for_generation: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor, Layout]:
         prompts, slots = model.prompt_rows(batch)
         slots = slots.to(device=batch.device, dtype=batch.mask.dtype)
         if batch.inputs_embeds is not None:
             embeds = batch.inputs_embeds
         elif batch.plan is None:
-            embeds = model.word_embeddings(batch.input_ids)
+            embeds = embed(model.word_embeddings, batch.input_ids)
         else:  # the placeholders are never embedded: the slots' virtual tokens replace them
-            embeds = model.word_embeddings(
-                batch.plan.clean_ids(batch.input_ids, safe_token_id(model.base_model.config))
+            embeds = embed(
+                model.word_embeddings, batch.plan.clean_ids(batch.input_ids, safe_token_id(model.base_model.config))
             )
             embeds = batch.plan.splice(embeds, model.slot_prompts(batch), batch.rows)
         seq = torch.cat([prompts, embeds.to(prompts.dtype)], dim=1)
-        if is_causal_decoder(model.base_model):
+        if for_generation and not model.base_model.config.is_encoder_decoder:  # new tokens go after a real token
             layout = Layout.pads_first(slots, batch.mask)
         else:
-            layout = Layout.identity(slots.shape[1], batch.length)
+            layout = _concat_layout(model.capabilities, slots, batch.mask)
         return seq, torch.cat([slots, batch.mask], dim=1), layout
 
     def forward(self, model: PromptedModel, batch: PromptBatch, local_attention: bool) -> Any:
@@ -229,24 +249,56 @@ class Concat:
         return _restore_outputs(model, outputs, layout)
 
     def generate(self, model: PromptedModel, batch: PromptBatch, **kwargs: Any) -> Any:
-        """Generate from prompt + input embeddings (no cache hand-over): the fallback for any generative model."""
+        """Generate from prompt + input embeddings (pads first: every row ends in a real token): with generate's
+        own `inputs_embeds` support where the model has it, else by running all but the last position here and
+        handing generate that cache. The result is the user's input_ids followed by the new tokens."""
         base = model.base_model
-        seq, full_mask, layout = self._sequence(model, batch)
-        if kwargs.get("max_length") is not None and not base.config.is_encoder_decoder:
-            kwargs["max_length"] += layout.width
-        if batch.input_ids is not None and not base.config.is_encoder_decoder:
+        if not base.config.is_encoder_decoder and not model.capabilities.leading_pads_ok and batch.has_pads:
+            return _row_by_row(self, model, batch, kwargs)  # leading pads would move this model's positions
+        seq, full_mask, layout = self._sequence(model, batch, for_generation=True)
+        embeds, mask = layout.apply(seq), layout.apply(full_mask)
+        if base.config.is_encoder_decoder:  # the encoder runs here: some (FSMT) take embeddings only in forward
+            encoder = base.get_encoder()
+            encoded = encoder(input_ids=None, inputs_embeds=embeds, attention_mask=mask, return_dict=True)
+            return base.generate(encoder_outputs=encoded, attention_mask=mask, **kwargs)
+        if kv.generates_from_embeds(base) or batch.input_ids is None:
+            if kwargs.get("max_length") is not None:
+                kwargs["max_length"] += layout.width
+            if batch.input_ids is None:
+                return base.generate(inputs_embeds=embeds, attention_mask=mask, **kwargs)
             _user_view_criteria(kwargs, batch.input_ids, 0)
-        out = base.generate(inputs_embeds=layout.apply(seq), attention_mask=layout.apply(full_mask), **kwargs)
-        if batch.input_ids is None or base.config.is_encoder_decoder:
-            return out
-        # decoder-only generate from embeddings returns only the new tokens; give back input + new like the base
-        ids = batch.input_ids
-        if isinstance(out, torch.Tensor):
-            return torch.cat([ids.repeat_interleave(out.shape[0] // batch.batch_size, 0), out], dim=1)
-        out.sequences = torch.cat(
-            [ids.repeat_interleave(out.sequences.shape[0] // batch.batch_size, 0), out.sequences], 1
-        )
-        return out
+            out = base.generate(inputs_embeds=embeds, attention_mask=mask, **kwargs)
+            return _with_input(out, batch.input_ids, 0)
+        return self._generate_after_prefill(model, batch, embeds, mask, layout, kwargs)
+
+    def _generate_after_prefill(
+        self, model: PromptedModel, batch: PromptBatch, embeds: torch.Tensor, mask: torch.Tensor, layout: Layout, kwargs
+    ) -> Any:
+        base = model.base_model
+        name = kv.cache_kwarg(base)
+        if name is None:
+            raise UnsupportedModelError(
+                f"{type(base).__name__} generates neither from inputs_embeds nor from a cache handed to it, so a "
+                "soft prompt can't generate with it (its forward works: score with forward, or generate greedily "
+                "with repeated forwards)."
+            )
+        config = kwargs.get("generation_config") or base.generation_config
+        expand = max(kwargs.get("num_beams") or config.num_beams or 1, kwargs.get("num_return_sequences") or 1)
+        extra = {"position_ids": kv.input_positions(mask, 0)[:, :-1]} if kv.accepts(base, "position_ids") else {}
+        with torch.no_grad():
+            out = base(inputs_embeds=embeds[:, :-1], attention_mask=mask[:, :-1], use_cache=True, **extra)
+        cache = kv.output_cache(out)
+        if expand > 1:
+            cache.batch_repeat_interleave(expand)
+        safe = safe_token_id(base.config)
+        ids = batch.plan.clean_ids(batch.input_ids, safe) if batch.plan is not None else batch.input_ids
+        ids = layout.apply(torch.cat([ids.new_full((batch.batch_size, layout.width), safe), ids], dim=1))
+        start = ids.shape[1]
+        if kwargs.get("max_length") is not None:
+            kwargs["max_length"] += start - batch.length
+        _user_view_criteria(kwargs, batch.input_ids, start)
+        out = base.generate(input_ids=ids, attention_mask=mask, **{name: cache}, **kwargs)
+        return _with_input(out, batch.input_ids, start)
 
 
 STRATEGIES: dict[ExecutionPath, PrefixKV | Concat] = {
@@ -271,11 +323,40 @@ def choose(
             return ExecutionPath.CONCAT, "generate from inputs_embeds"
         if any(batch.kwargs.get(name) is not None for name in kv.CACHE_NAMES):
             return ExecutionPath.CONCAT, "generate with a cache of the caller's"
-        if capabilities.local_attention and batch.has_left_padding:
+        if capabilities.pads_matter and batch.has_left_padding:
             return ExecutionPath.CONCAT, "left-padded generate with windowed attention (pads would use the window)"
-    if batch is not None and capabilities.local_attention and len(batch.names) > 1:
+    if batch is not None and capabilities.pads_matter and len(batch.names) > 1:
         return ExecutionPath.CONCAT, "a mixed-prompt batch with windowed attention (a window keeps no padded prompt)"
     return ExecutionPath.PREFIX_KV, capabilities.reason
+
+
+def _row_by_row(strategy: Concat, model: PromptedModel, batch: PromptBatch, kwargs: dict[str, Any]) -> torch.Tensor:
+    """Each row generated alone, without its pads, then stacked as generate stacks them (new tokens padded after the
+    input): for models whose positions come from the sequence length, where pads anywhere would shift them."""
+    if kwargs.get("return_dict_in_generate"):
+        raise ValueError(
+            f"{type(model.base_model).__name__} takes no position ids, so its padded rows are generated one by one; "
+            "return_dict_in_generate=True is not supported then (generate the rows separately)."
+        )
+    pad = safe_token_id(model.base_model.config)
+    pad = kwargs.get("pad_token_id", pad) if isinstance(kwargs.get("pad_token_id"), int) else pad
+    new_tokens = []
+    for b in range(batch.batch_size):
+        keep = batch.mask[b].bool()
+        row = PromptBatch(
+            [batch.names[int(batch.rows[b])]],
+            torch.zeros(1, dtype=torch.long, device=batch.device),
+            batch.input_ids[b : b + 1, keep],
+            None,
+            batch.mask[b : b + 1, keep],
+            plan=None if batch.plan is None else batch.plan.for_row(b, keep),
+        )
+        out = strategy.generate(model, row, **dict(kwargs))
+        new_tokens.append(out[:, row.length :])
+    width = max(t.shape[1] for t in new_tokens)
+    new = torch.cat([torch.nn.functional.pad(t, (0, width - t.shape[1]), value=pad) for t in new_tokens])
+    repeats = new.shape[0] // batch.batch_size
+    return torch.cat([batch.input_ids.repeat_interleave(repeats, 0), new], dim=1)
 
 
 def _with_input(out: Any, input_ids: torch.Tensor, start: int) -> Any:
