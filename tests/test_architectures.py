@@ -13,6 +13,8 @@ property that applies, then fails listing the properties that did not hold (with
   gen_batch    the same on a padded batch of two rows (left-padded for decoders, right-padded for seq2seq)
   grad         the prompt's (and head's) gradient with shared_prompt_kv=True equals the one with False
   reload       save_pretrained -> PeftModel.from_pretrained gives identical outputs
+  slots        (causal LM) the prompt split over two placeholder slots inside a left-padded batch: logits equal a
+               hand-made splice of the prompt into the input embeddings, and greedy generate equals the greedy loop
 
 Unbuildable architectures are pytest skips carrying arch_zoo's reason. A summary table goes to
 /tmp/arch/table.md (and to $ARCH_TABLE when set), per-case details to /tmp/arch/results.json.
@@ -40,10 +42,10 @@ from peft_softprompt_ext import SoftPromptConfig, UnsupportedModelError
 P = 4
 NEW = 4
 CONFIGS = {"kv": True, "cat": False}  # shared_prompt_kv
-PROPERTIES = ("aligned", "reference", "pad_left", "pad_right", "generate", "gen_batch", "grad", "reload")
+PROPERTIES = ("aligned", "reference", "pad_left", "pad_right", "generate", "gen_batch", "grad", "reload", "slots")
 APPLIES = {
     "CAUSAL_LM": PROPERTIES,
-    "SEQ_2_SEQ_LM": PROPERTIES,
+    "SEQ_2_SEQ_LM": PROPERTIES[:-1],
     "SEQ_CLS": ("aligned", "reference", "pad_left", "pad_right", "grad", "reload"),
     "TOKEN_CLS": ("aligned", "reference", "pad_left", "pad_right", "grad", "reload"),
     "FEATURE_EXTRACTION": ("aligned", "reference", "pad_left", "pad_right", "grad", "reload"),
@@ -343,6 +345,10 @@ def check_config(rec: Record, base, task: str, cfg: str, tmp_path: Path, eos_ter
 
     if "generate" in applies:
         generate_checks(rec, model, base, task, cfg)
+    if "slots" in applies:  # what the base itself can't do (n/a above) is not asked of slots either
+        padded_ok = not rec.outcomes.get("pad_left", {}).get(cfg, "").startswith("n/a")
+        generate_ok = not rec.outcomes.get("generate", {}).get(cfg, "").startswith("n/a")
+        rec.check("slots", cfg, slot_checks, base, CONFIGS[cfg], padded_ok, generate_ok)
 
     grads = None
     if "grad" in applies:
@@ -368,6 +374,41 @@ def check_config(rec: Record, base, task: str, cfg: str, tmp_path: Path, eos_ter
 
     rec.check("reload", cfg, reload)
     return grads or {}
+
+
+def slot_checks(base, shared: bool, padded_ok: bool, generate_ok: bool) -> None:
+    """Two slots (2 + 2 virtual tokens) after a fixed head of hard tokens, in a left-padded batch of two rows."""
+    config = SoftPromptConfig(task_type="CAUSAL_LM", num_virtual_tokens=P, slots=[2, 2], shared_prompt_kv=shared)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = get_peft_model(arch_zoo.clone(base), config).eval()
+    placeholders = [arch_zoo.VOCAB + 7, arch_zoo.VOCAB + 8]  # never embedded: beyond the table on purpose
+    config.slot_token_ids = placeholders
+    head = [5, 6, placeholders[0], placeholders[0], 7, placeholders[1], placeholders[1]]
+    rows = [torch.tensor(head + tail) for tail in ([9, 10, 11], [12])]
+    ids, mask = pad(rows, "left")
+    prompt = model.prompt_embeddings().detach()
+    clean = ids.masked_fill(ids >= arch_zoo.VOCAB, 0)
+    embeds = base.get_input_embeddings()(clean).clone()
+    for b in range(2):
+        cols = [(ids[b] == p).nonzero()[:, 0] for p in placeholders]
+        embeds[b, cols[0]], embeds[b, cols[1]] = prompt[:2], prompt[2:]
+    extra = {"position_ids": (mask.cumsum(-1) - 1).clamp_min(0)} if _accepts(base, "position_ids") else {}
+    with torch.no_grad():
+        expected = base(inputs_embeds=embeds, attention_mask=mask, use_cache=False, **extra).logits
+        got = model(input_ids=ids, attention_mask=mask).logits
+        for b in range(2 if padded_ok else 0):
+            alone = model(input_ids=rows[b][None]).logits[0]
+            close(got[b][mask[b].bool()], alone, what=f"row {b} in the batch vs alone: ")
+        close(got[0][mask[0].bool()], expected[0][mask[0].bool()], what="spliced reference: ")
+    if generate_ok:
+        with torch.no_grad():
+            out = model.generate(input_ids=rows[0][None], max_new_tokens=NEW, do_sample=False)
+        same_greedy(
+            out,
+            greedy_loop_decoder(model, rows[0][None], torch.ones(1, len(rows[0]), dtype=torch.long), NEW),
+            len(rows[0]),
+        )
 
 
 def generate_checks(rec: Record, model, base, task: str, cfg: str) -> None:

@@ -335,9 +335,12 @@ class SoftPromptModel(PeftModel):
             embeds = plan.splice(embeds, {0: prompt}, torch.zeros(1, dtype=torch.long, device=row.device))
             positions = torch.arange(row.shape[1], device=row.device).unsqueeze(0)
             extra = {"position_ids": positions} if kv.accepts(self.base_model, "position_ids") else {}
-            with kv.checkpointing_suspended(self.base_model):
-                out = self.base_model(inputs_embeds=embeds, use_cache=True, return_dict=True, **extra)
-            return kv.output_cache(out), out.logits
+            with kv.checkpointing_suspended(self.base_model):  # the head's logits, then the backbone's cache
+                # a copy: some models scale the embeddings they are given in place (CTRL)
+                logits = self.base_model(
+                    inputs_embeds=embeds.clone(), use_cache=False, return_dict=True, **extra
+                ).logits
+            return kv.prompt_cache(self.base_model, embeds[0]), logits
 
         key = kv.CompiledPrompts.key(name, tuple(ids.tolist()))
         return self.compiled_prompts.get(key, self.prompt_encoder[name], self._model_dtype, build)

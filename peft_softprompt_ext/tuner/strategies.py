@@ -287,7 +287,13 @@ class Concat:
         extra = {"position_ids": kv.input_positions(mask, 0)[:, :-1]} if kv.accepts(base, "position_ids") else {}
         with torch.no_grad():
             out = base(inputs_embeds=embeds[:, :-1], attention_mask=mask[:, :-1], use_cache=True, **extra)
-        cache = kv.output_cache(out)
+        try:
+            cache = kv.output_cache(out)
+        except RuntimeError:
+            raise UnsupportedModelError(
+                f"{type(base).__name__} generates neither from inputs_embeds nor returns a cache to continue from, so "
+                "a soft prompt can't generate with it (its forward works)."
+            ) from None
         if expand > 1:
             cache.batch_repeat_interleave(expand)
         safe = safe_token_id(base.config)
