@@ -161,3 +161,27 @@ def test_trust_remote_code_is_stripped(caplog):
         task_type="CAUSAL_LM", num_virtual_tokens=2, tokenizer_kwargs={"trust_remote_code": True, "use_fast": True}
     )
     assert config.tokenizer_kwargs == {"use_fast": True}
+
+
+def test_a_new_init_method_is_one_function_and_one_registry_entry():
+    """The whole diff of adding an initialiser: the decorated function below. Config validation, get_peft_model and
+    the CLI's --init choices all pick it up."""
+    from peft_softprompt_ext.app.cli import build_parser
+    from peft_softprompt_ext.initializers import INITIALIZERS, InitContext, embedding_rows, register_initializer
+
+    @register_initializer("first_ids", help="embeddings of ids 3, 4, 5, ... (a throwaway for this test)")
+    def first_ids(ctx: InitContext) -> torch.Tensor:
+        return embedding_rows(ctx.embeddings, list(range(3, 3 + ctx.num_virtual_tokens)))
+
+    try:
+        model = get_peft_model(
+            tiny.causal_lm("llama"), SoftPromptConfig(task_type="CAUSAL_LM", num_virtual_tokens=3, init="first_ids")
+        )
+        table = model.get_base_model().get_input_embeddings().weight
+        torch.testing.assert_close(model.prompt_embeddings().detach(), table[3:6].detach())
+        args = build_parser().parse_args(["train", "--out", "x", "--init", "first_ids"])
+        assert args.init == "first_ids"
+    finally:
+        del INITIALIZERS["first_ids"]
+    with pytest.raises(ValueError, match="SoftPromptConfig.init must be one of"):
+        SoftPromptConfig(num_virtual_tokens=3, init="first_ids")

@@ -122,3 +122,18 @@ def test_installing_the_package_registers_the_type_when_peft_is_imported(tmp_pat
     assert seen["after_find_spec"] is False
     assert seen["registered"] is (switch == "on")
     assert seen["config"] == ("SoftPromptConfig" if switch == "on" else None)
+
+
+def test_unknown_adapter_names_are_clear_errors():
+    model = get_peft_model(tiny.causal_lm("llama"), SoftPromptConfig(task_type="CAUSAL_LM", num_virtual_tokens=2))
+    with pytest.raises(ValueError, match=r"No soft-prompt adapter 'nope'; this model has \['default'\]"):
+        model.set_requires_grad("nope")
+    with pytest.raises(ValueError, match="No soft-prompt adapter 'nope'"):
+        model.prompt_embeddings("nope")
+
+
+def test_merge_and_unload_explains_there_is_nothing_to_merge():
+    model = get_peft_model(tiny.causal_lm("llama"), SoftPromptConfig(task_type="CAUSAL_LM", num_virtual_tokens=2))
+    for method in (model.merge_and_unload, model.merge_adapter, model.unload):
+        with pytest.raises(NotImplementedError, match="no weights to merge.*export_prompt_embeds"):
+            method()

@@ -94,37 +94,46 @@ def _trained_instruction(folder: str) -> str | None:
     return adapter_dir.read_json_file(path).get("instruction")
 
 
-def run(args: argparse.Namespace) -> int:
-    """Load the base once, every adapter by name, and generate all rows in one mixed batch."""
-    specs = adapter_specs(args.adapter)
-    lines = args.text or [line.rstrip("\n") for line in sys.stdin if line.strip()]
-    if not lines:
-        raise CliError("no input text: pass TEXT arguments or lines on stdin")
-    names = [name for name, _ in specs]
-    rows = rows_of(lines, names)
-    device = resolve_device(args.device)
+def _load(args: argparse.Namespace, specs: list[tuple[str, str]], device: torch.device) -> tuple[Any, Any]:
+    """The base once, then every adapter by name."""
     base_name = args.base if args.base or not specs else default_base(specs[0][1])
     model, tokenizer, _ = load_model(base_name, device)
     if specs:
         model = PeftModel.from_pretrained(model, specs[0][1], adapter_name=specs[0][0])
         for name, path in specs[1:]:
             model.load_adapter(path, adapter_name=name)
-    model.eval()
+    return model.eval(), tokenizer
+
+
+def _encode(args: argparse.Namespace, model: Any, tokenizer: Any, specs, rows) -> list[list[int]]:
+    """Each row's ids: the chat template around its text, after its adapter's instruction, with its adapter's slot
+    in the system turn when the prompt sits there."""
+    if args.raw:
+        return [tokenizer(text, add_special_tokens=False)["input_ids"] for _, text in rows]
     trained_with = {n: _trained_instruction(p) for n, p in specs}
-    system = {}  # an adapter whose prompt sits in a slot of the system turn
+    system = {}
     for name, _ in specs:
         if model.peft_config[name].slots:
             slots.add_slot_tokens(tokenizer, model, name)
             system[name] = slots.slot_text(model, adapter_name=name)
     encoded = []
     for name, text in rows:
-        if args.raw:
-            encoded.append(tokenizer(text, add_special_tokens=False)["input_ids"])
-            continue
         instruction = args.instruction if args.instruction is not None else trained_with.get(name)
         formatted = format_example(tokenizer, text, instruction, system.get(name))
         encoded.append(tokenizer(formatted, add_special_tokens=False)["input_ids"])
-    ids, mask = left_pad(encoded, tokenizer.pad_token_id, device)
+    return encoded
+
+
+def run(args: argparse.Namespace) -> int:
+    """Load the base once, every adapter by name, and generate all rows in one mixed batch."""
+    specs = adapter_specs(args.adapter)
+    lines = args.text or [line.rstrip("\n") for line in sys.stdin if line.strip()]
+    if not lines:
+        raise CliError("no input text: pass TEXT arguments or lines on stdin")
+    rows = rows_of(lines, [name for name, _ in specs])
+    device = resolve_device(args.device)
+    model, tokenizer = _load(args, specs, device)
+    ids, mask = left_pad(_encode(args, model, tokenizer, specs, rows), tokenizer.pad_token_id, device)
     kwargs = {"adapter_names": [BASE_ADAPTER if n == BASE_SELECTOR else n for n, _ in rows]} if specs else {}
     with torch.no_grad():
         out = model.generate(

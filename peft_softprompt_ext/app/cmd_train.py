@@ -11,7 +11,11 @@ from .common import positive_float, positive_int
 from .recipe import PLACEMENTS, TrainResult, TrainSettings, train
 
 PROG = "softprompt"
-CLI_INITS = tuple(name for name in INITIALIZERS if name != "pretrained")  # "pretrained" needs --init-from: Python API
+
+
+def cli_inits() -> list[str]:
+    """Every registered initialiser but "pretrained" (it needs an adapter directory: the Python API's init_from)."""
+    return [name for name in INITIALIZERS if name != "pretrained"]
 
 
 def add_parser(subparsers: Any) -> None:
@@ -31,7 +35,7 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--eval-data", help="Held-out JSONL (default: up to --eval-size examples split off --data).")
     p.add_argument("--instruction", help="Text placed before every input of --data (before and after tuning).")
     p.add_argument("--num-tokens", type=positive_int, default=d.num_tokens, help=f"Virtual tokens ({d.num_tokens}).")
-    p.add_argument("--init", choices=CLI_INITS, default=d.init, help=f"Initialisation (default {d.init}).")
+    p.add_argument("--init", choices=cli_inits(), default=d.init, help=f"Initialisation (default {d.init}).")
     p.add_argument("--init-text", help="Text for --init text (default: a description of the task).")
     p.add_argument(
         "--placement",
