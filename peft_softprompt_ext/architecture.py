@@ -92,7 +92,8 @@ def _causal(model: nn.Module, embeddings: nn.Module, prompt: torch.Tensor, ids: 
 
 
 @contextlib.contextmanager
-def _evaluating(model: nn.Module) -> Iterator[None]:
+def evaluating(model: nn.Module) -> Iterator[None]:
+    """Eval mode and no grad for the block, the model's mode restored afterwards."""
     was_training = model.training
     model.eval()
     try:
@@ -194,7 +195,7 @@ def probe(model: nn.Module, embeddings: nn.Module) -> Capabilities:
     prompt + input embeddings? where may pads go?) and the shared prompt KV (causal attention, equal to
     concatenation, also in a ragged batch and with a prompt longer than a small sliding window)."""
     ids = _probe_ids(embeddings, 2, PROBE_INPUT)
-    with _evaluating(model):
+    with evaluating(model):
         prompt = embed(embeddings, _probe_ids(embeddings, 1, PROBE_PROMPT, offset=1)[0]).detach()
         try:
             reference = _concat_logits(model, embeddings, prompt, ids)

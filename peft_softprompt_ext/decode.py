@@ -34,6 +34,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .architecture import evaluating
 from .constants import METRICS
 from .distributed import full_shape, gathered_params
 from .vocab import embed, load_tokenizer, special_token_ids
@@ -515,15 +516,14 @@ def _next_token_logprobs(model: nn.Module, inputs: list[list[int]], batch_size: 
 
 @contextlib.contextmanager
 def _evaluating(model: nn.Module, name: str) -> Iterator[None]:
-    previous_adapter, was_training = model.active_adapter, model.training
+    """Adapter `name` active and the model evaluating for the block; both restored afterwards."""
+    previous_adapter = model.active_adapter
     if name != previous_adapter:
         model.set_adapter(name)
-    model.eval()
     try:
-        with torch.no_grad():
+        with evaluating(model):
             yield
     finally:
-        model.train(was_training)
         if name != previous_adapter:
             model.set_adapter(previous_adapter)
 

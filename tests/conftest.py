@@ -29,3 +29,12 @@ def tokenizer_dir(tmp_path):
     path = tmp_path / "tokenizer"
     make_tokenizer().save_pretrained(path)
     return str(path)
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    """A tiny Llama saved with the word-level tokenizer: a local base model for the CLI and the loaders."""
+    path = tmp_path_factory.mktemp("tiny-llama")
+    tiny.causal_lm("llama").save_pretrained(path)
+    make_tokenizer().save_pretrained(path)
+    return str(path)

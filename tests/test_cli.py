@@ -12,19 +12,10 @@ import time
 
 import pytest
 import tiny
-from conftest import make_tokenizer
 
 from peft_softprompt_ext.app import cli
 
 TINY_ARGS = ["--init", "vocab", "--steps", "2", "--batch-size", "2", "--no-progress", "--device", "cpu"]
-
-
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny-llama")
-    tiny.causal_lm("llama").save_pretrained(path)
-    make_tokenizer().save_pretrained(path)
-    return str(path)
 
 
 @pytest.fixture(scope="module")

@@ -32,7 +32,6 @@ import pytest
 import safetensors.torch
 import tiny
 import torch
-from conftest import make_tokenizer
 from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 
@@ -263,14 +262,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny-llama")
-    tiny.causal_lm("llama").save_pretrained(path)
-    make_tokenizer().save_pretrained(path)
-    return str(path)
 
 
 @pytest.fixture(scope="module")
