@@ -21,7 +21,9 @@ def pg_timeout() -> datetime.timedelta:
 
 
 def tiny_llama_config(hidden: int = 32, vocab: int = VOCAB):
-    return tiny.llama_config(hidden_size=hidden, intermediate_size=2 * hidden, vocab_size=vocab, tie_word_embeddings=False)
+    return tiny.llama_config(
+        hidden_size=hidden, intermediate_size=2 * hidden, vocab_size=vocab, tie_word_embeddings=False
+    )
 
 
 def tiny_llama(seed: int = 0, hidden: int = 32, vocab: int = VOCAB):
