@@ -22,8 +22,7 @@ TINY_ARGS = ["--init", "vocab", "--steps", "2", "--batch-size", "2", "--no-progr
 def jsonl(tmp_path_factory):
     path = tmp_path_factory.mktemp("data") / "task.jsonl"
     rows = [{"input": f"w{4 + i % 20} w{30 + i % 7}", "output": f"w{50 + i % 3}"} for i in range(12)]
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return str(path)
+    return tiny.write_jsonl(path, rows)
 
 
 @pytest.fixture(scope="module")
@@ -50,11 +49,58 @@ def test_train_saves_adapter_and_reports(tiny_model_dir, jsonl, tmp_path, capsys
     assert code == 0
     assert {"adapter_config.json", "adapter_model.safetensors", "training_info.json"} <= set(os.listdir(out))
     assert "exact-match accuracy" in stdout and "before" in stdout and "after" in stdout
+    assert "few-shot, 4 solved examples in the context" in stdout  # --data's default few-shot baseline
     assert f"saved adapter to {out}" in stdout
     info = json.loads((out / "training_info.json").read_text())
     assert info["versions"]["peft"] and info["versions"]["transformers"] and info["versions"]["torch"]
     assert info["settings"]["steps"] == 2 and len(info["before"]) and info["after"]["n"] >= 1
+    assert info["few_shot"]["k"] == 4 and 0 <= info["few_shot"]["accuracy"] <= 1
     assert not tiny.staging_leftovers(tmp_path)
+
+
+def test_train_options_optimizer_schedule_no_few_shot(tiny_model_dir, jsonl, tmp_path, capsys):
+    out = tmp_path / "a"
+    argv = ["train", "--model", tiny_model_dir, "--data", jsonl, "--out", str(out), *TINY_ARGS]
+    code, stdout, _ = run_cli(capsys, *argv, "--optimizer", "adafactor", "--schedule", "cosine", "--few-shot", "0")
+    assert code == 0 and "few-shot" not in stdout
+    info = json.loads((out / "training_info.json").read_text())
+    assert info["few_shot"] is None
+    assert info["settings"]["optimizer"] == "adafactor" and info["settings"]["schedule"] == "cosine"
+    assert "Adafactor" in (out / "README.md").read_text()
+
+
+@pytest.mark.parametrize(
+    "schedule, expected",
+    [("linear", [0.5, 1.0, 1.0, 0.75, 0.5, 0.25]), ("constant", [0.5, 1.0, 1.0, 1.0, 1.0, 1.0])],
+)
+def test_lr_schedules(schedule, expected):
+    import torch
+
+    from peft_softprompt_ext.app.recipe import make_optimizer
+
+    param = torch.nn.Parameter(torch.zeros(2))
+    optimizer, scheduler = make_optimizer([param], "adamw", 1.0, schedule, steps=6, warmup=0.3)
+    seen = []
+    for _ in range(6):
+        seen.append(round(optimizer.param_groups[0]["lr"], 6))
+        optimizer.step()
+        scheduler.step()
+    assert seen == expected
+
+
+def test_same_seed_same_result(tiny_model_dir, jsonl, tmp_path, capsys):
+    """The same command prints the same numbers and saves the same prompt (seeded data order, init, eval)."""
+    outs = []
+    for name in ("a", "b"):
+        out = tmp_path / name
+        code, stdout, _ = run_cli(
+            capsys, "train", "--model", tiny_model_dir, "--data", jsonl, "--out", str(out), *TINY_ARGS
+        )
+        assert code == 0
+        info = json.loads((out / "training_info.json").read_text())
+        outs.append((info["before"], info["few_shot"], info["after"], info["final_loss"]))
+        outs[-1] += ((out / "adapter_model.safetensors").read_bytes(),)
+    assert outs[0] == outs[1]
 
 
 def test_info(trained, capsys):
@@ -204,6 +250,7 @@ def test_real_model_builtin_task(tmp_path, capsys):
     assert code == 0, stdout
     assert "label-ranking accuracy on 6 held-out examples" in stdout
     assert "hand-written instruction" in stdout and "soft prompt (20 virtual tokens, 2 steps)" in stdout
+    assert "few-shot, 4 solved examples in the context" in stdout  # one per class, of the 4 training examples
     code, stdout, _ = run_cli(
         capsys,
         "generate",

@@ -42,19 +42,19 @@ def test_wordnet_example_format():
 
 @needs_wordnet
 def test_splits_sizes_disjoint_deterministic():
-    splits = data.supersense_splits(seed=0, n_train=300, n_dev=100, n_test=200)
+    splits = data.wordnet_splits("supersense", seed=0, n_train=300, n_dev=100, n_test=200)
     assert {k: len(v) for k, v in splits.items()} == {"train": 300, "dev": 100, "test": 200}
     inputs = {k: {ex.input for ex in v} for k, v in splits.items()}
     assert sum(len(s) for s in inputs.values()) == 600  # unique within splits
     assert not (inputs["train"] & inputs["dev"] or inputs["train"] & inputs["test"] or inputs["dev"] & inputs["test"])
-    assert data.supersense_splits(seed=0, n_train=300, n_dev=100, n_test=200) == splits
-    assert data.supersense_splits(seed=1, n_train=300, n_dev=100, n_test=200)["test"] != splits["test"]
+    assert data.wordnet_splits("supersense", seed=0, n_train=300, n_dev=100, n_test=200) == splits
+    assert data.wordnet_splits("supersense", seed=1, n_train=300, n_dev=100, n_test=200)["test"] != splits["test"]
 
 
 @needs_wordnet
 def test_test_split_stable_across_train_sizes():
-    a = data.supersense_splits(seed=0, n_train=10, n_dev=50)
-    b = data.supersense_splits(seed=0, n_train=None, n_dev=50)
+    a = data.wordnet_splits("supersense", seed=0, n_train=10, n_dev=50)
+    b = data.wordnet_splits("supersense", seed=0, n_train=None, n_dev=50)
     assert a["test"] == b["test"] and a["dev"] == b["dev"]
     assert len(a["test"]) == 1000
     assert len(b["train"]) == 82114 - 1050  # one duplicated input is dropped before splitting
@@ -63,9 +63,9 @@ def test_test_split_stable_across_train_sizes():
 @needs_wordnet
 def test_splits_reject_bad_sizes():
     with pytest.raises(ValueError, match="only 82114 unique"):
-        data.supersense_splits(n_train=90000)
+        data.wordnet_splits("supersense", n_train=90000)
     with pytest.raises(ValueError, match=">= 0"):
-        data.supersense_splits(n_dev=-1)
+        data.wordnet_splits("supersense", n_dev=-1)
 
 
 def test_missing_wordnet_message(tmp_path):
@@ -90,7 +90,7 @@ def test_parse_uses_lexnames_file(tmp_path):
 
 def test_parse_rejects_non_noun_lexfile(tmp_path):
     (tmp_path / "data.noun").write_text("00001740 00 n 01 entity 0 000 | gloss\n")
-    with pytest.raises(ValueError, match=r"data.noun:1: lex_filenum 00"):
+    with pytest.raises(ValueError, match=r"data.noun: synset 00001740: lex_filenum 0 is not a noun"):
         data.load_wordnet_supersenses(tmp_path / "data.noun")
 
 
@@ -165,3 +165,76 @@ def test_supersense_label_tokens_with_smollm2():
     assert len(set(ids)) == 26
     prompt = data.format_example(tokenizer, "dog: a canine", data.supersense_instruction())
     assert prompt.endswith("<|im_start|>assistant\n") and "Classify" in prompt
+
+
+# --------------------------------------------------------------------------- hypernyms, few-shot demos, scoring
+
+
+@needs_wordnet
+def test_wordnet_hypernyms():
+    examples = data.load_wordnet_hypernyms()
+    assert len(examples) == 82114  # every noun synset but `entity`, the root
+    dog = next(ex for ex in examples if ex.input.startswith("dog: a member of the genus Canis"))
+    assert dog.output == "canine"  # first lemma of the first hypernym
+    assert set(dog.answers) == {"canine", "canid", "domestic animal", "domesticated animal"}
+    paris = next(ex for ex in examples if ex.input.startswith("Paris: the capital and largest city of France"))
+    assert "national capital" in paris.answers  # instance hypernyms (@i) count too
+    splits = data.wordnet_splits("hypernym", seed=3, n_train=100, n_dev=20, n_test=50)
+    assert splits == data.wordnet_splits("hypernym", seed=3, n_train=100, n_dev=20, n_test=50)
+    inputs = [ex.input for split in splits.values() for ex in split]
+    assert len(inputs) == len(set(inputs)) == 170
+
+
+def test_parse_synset_pointers():
+    line = "02084071 05 n 02 dog 0 domestic_dog 0 003 @ 02083346 n 0000 @i 01317541 n 0000 ~ 01322604 n 0000 | a canine  \n"
+    synset = data.parse_synset(line)
+    assert synset.lemmas == ("dog", "domestic dog") and synset.lex_filenum == 5 and synset.gloss == "a canine"
+    assert synset.hypernyms == ("02083346", "01317541")  # hyponyms (~) are not hypernyms
+    with pytest.raises(ValueError, match="expected 'offset"):
+        data.parse_synset("02084071 05 n 02 dog 0 | gloss\n")
+
+
+def test_hypernym_examples_from_file(tmp_path):
+    (tmp_path / "data.noun").write_text(
+        "  1 license header line\n"
+        "00000001 03 n 02 animal 0 beast 0 000 | a living organism  \n"
+        "00000002 05 n 01 dog 0 001 @ 00000001 n 0000 | a domestic canine  \n"
+    )
+    assert data.load_wordnet_hypernyms(tmp_path / "data.noun") == [
+        Example("dog: a domestic canine", "animal", ("animal", "beast"))
+    ]
+
+
+def test_exact_match_normalises():
+    ex = Example("dog: a canine", "canine", ("canine", "domestic animal"))
+    assert data.exact_match("Canine.", ex) and data.exact_match("  domestic   animal\n", ex)
+    assert not data.exact_match("a canine", ex) and not data.exact_match("", ex)
+    assert data.exact_match("b", Example("a", "b"))  # no answers: the output is the one answer
+
+
+def test_few_shot_demos_one_per_class():
+    labels = ("a", "b", "c")
+    pool = [Example(f"x{i}", labels[i % 3]) for i in range(30)]
+    demos = data.few_shot_demos(pool, 3, seed=0, labels=labels)
+    assert sorted(ex.output for ex in demos) == ["a", "b", "c"]
+    assert data.few_shot_demos(pool, 3, seed=0, labels=labels) == demos
+    assert data.few_shot_demos(pool, 3, seed=1, labels=labels) != demos
+    assert [ex.output for ex in data.few_shot_demos(pool, 7, seed=0, labels=labels)].count("a") == 3
+    assert len(data.few_shot_demos(pool, 5, seed=0)) == 5 and data.few_shot_demos(pool, 0, seed=0) == []
+
+
+class _TurnsTokenizer:
+    chat_template = "x"
+
+    def apply_chat_template(self, messages, tokenize, add_generation_prompt):
+        return "".join(f"<{m['role']}>{m['content']}" for m in messages) + "<assistant>"
+
+
+def test_format_example_with_demos():
+    demos = [("cat", "animal"), ("oak", "plant")]
+    assert data.format_example(_TurnsTokenizer(), "dog", "Classify.", demos=demos) == (
+        "<user>Classify.\n\ncat<assistant>animal<user>oak<assistant>plant<user>dog<assistant>"
+    )
+    assert data.format_example(_PlainTokenizer(), "dog", "Classify.", demos=demos) == (
+        "Classify.\n\ncat\nanimal\noak\nplant\ndog\n"
+    )

@@ -268,8 +268,7 @@ def one_thread():
 def jsonl(tmp_path_factory):
     path = tmp_path_factory.mktemp("data") / "task.jsonl"
     rows = [{"input": f"w{4 + i}", "output": f"w{50 + i % 3}"} for i in range(3)]
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return str(path)
+    return tiny.write_jsonl(path, rows)
 
 
 @pytest.fixture(scope="module")

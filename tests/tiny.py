@@ -3,6 +3,8 @@ training-mode comparisons are exact."""
 
 from __future__ import annotations
 
+import json
+
 import torch
 from transformers import (
     BertConfig,
@@ -225,6 +227,12 @@ def train_steps(model, steps: int, lr: float = 0.05) -> None:
         optimizer.step()
         optimizer.zero_grad()
     model.eval()
+
+
+def write_jsonl(path, rows: list[dict]) -> str:
+    """A JSONL data file, one row per line (the CLI's --data format)."""
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
 
 
 def staging_leftovers(directory) -> list[str]:

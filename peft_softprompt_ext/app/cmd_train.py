@@ -8,7 +8,7 @@ from typing import Any
 
 from ..initializers import INITIALIZERS
 from .common import positive_float, positive_int
-from .recipe import PLACEMENTS, TrainResult, TrainSettings, train
+from .recipe import DATA_FEW_SHOT, OPTIMIZERS, PLACEMENTS, SCHEDULES, TrainResult, TrainSettings, train
 
 PROG = "softprompt"
 
@@ -16,6 +16,10 @@ PROG = "softprompt"
 def cli_inits() -> list[str]:
     """Every registered initialiser but "pretrained" (it needs an adapter directory: the Python API's init_from)."""
     return [name for name in INITIALIZERS if name != "pretrained"]
+
+
+def non_negative_int(text: str) -> int:
+    return 0 if text.strip() == "0" else positive_int(text)
 
 
 def add_parser(subparsers: Any) -> None:
@@ -44,7 +48,21 @@ def add_parser(subparsers: Any) -> None:
         help="Where the soft prompt goes: before everything (prepend, default) or as a slot in the chat "
         "template's system turn (system).",
     )
-    p.add_argument("--lr", type=positive_float, default=d.lr, help=f"AdamW learning rate (default {d.lr}).")
+    p.add_argument("--lr", type=positive_float, default=d.lr, help=f"Learning rate (default {d.lr}).")
+    p.add_argument("--optimizer", choices=OPTIMIZERS, default=d.optimizer, help=f"Optimizer (default {d.optimizer}).")
+    p.add_argument(
+        "--schedule",
+        choices=SCHEDULES,
+        default=d.schedule,
+        help=f"lr after a 10 %% warm-up: decay to 0 linearly, keep it, or cosine (default {d.schedule}).",
+    )
+    p.add_argument(
+        "--few-shot",
+        type=non_negative_int,
+        default=d.few_shot,
+        help=f"Solved training examples in the few-shot baseline (default: one per class for the built-in task, "
+        f"{DATA_FEW_SHOT} for --data; 0: no few-shot baseline).",
+    )
     p.add_argument("--steps", type=positive_int, default=d.steps, help=f"Optimizer steps (default {d.steps}).")
     p.add_argument("--batch-size", type=positive_int, default=d.batch_size, help=f"Examples per step ({d.batch_size}).")
     p.add_argument("--eval-size", type=positive_int, default=d.eval_size, help=f"Held-out examples ({d.eval_size}).")
@@ -66,6 +84,10 @@ def _fmt(result: Any) -> str:
     return f"{100 * result.accuracy:5.1f} %  ({round(result.accuracy * result.n)}/{result.n}){loss}"
 
 
+def _shots(result: TrainResult) -> int:
+    return int(result.few_shot_k or 0)
+
+
 def report(result: TrainResult, settings: TrainSettings, out: str) -> None:
     """The before/after table and where the adapter went."""
     before, after = result.before, result.after
@@ -75,10 +97,16 @@ def report(result: TrainResult, settings: TrainSettings, out: str) -> None:
         hard = "zero-shot, no soft prompt" + (" (same instruction)" if settings.instruction else "")
     where = ", in the system turn" if settings.placement == "system" else ""
     soft = f"soft prompt ({settings.num_tokens} virtual tokens{where}, {settings.steps} steps)"
-    width = max(len(hard), len(soft))
+    rows = [("before", hard, before)]
+    if result.few_shot is not None:
+        few = result.few_shot
+        extra = f", {few.prompt_tokens} tokens" if few.prompt_tokens else ""
+        rows.append(("before", f"few-shot, {_shots(result)} solved examples in the context{extra}", few))
+    rows.append(("after", soft, after))
+    width = max(len(label) for _, label, _ in rows)
     print(f"\n{before.metric} on {before.n} held-out examples:")
-    print(f"  before  {hard:<{width}}  {_fmt(before)}")
-    print(f"  after   {soft:<{width}}  {_fmt(after)}")
+    for when, label, scored in rows:
+        print(f"  {when:<6}  {label:<{width}}  {_fmt(scored)}")
     print(f"training took {result.train_seconds:.0f} s")
     print(f"saved adapter to {result.adapter_dir}")
     print(f"try: {PROG} info {out}  |  {PROG} decode {out}  |  {PROG} generate --adapter {out} TEXT")

@@ -1,9 +1,13 @@
 """Real, offline data for training, evaluation and benchmarks.
 
-The main task is WordNet 3.0 noun supersense classification: given ``"{lemma}: {gloss}"`` predict the
-lexicographer file of the synset (``animal``, ``artifact``, ...). The data comes from the Debian package
-``wordnet-base``, so it needs no network and is identical on every machine. Users bring their own data
-as JSONL with ``input``/``output`` fields.
+Two tasks from WordNet 3.0's nouns (Debian package ``wordnet-base``: no network, identical on every machine):
+
+- supersense classification: given ``"{lemma}: {gloss}"`` predict the lexicographer file of the synset
+  (``animal``, ``artifact``, ...; 26 one-word classes);
+- hypernym generation: given ``"{lemma}: {gloss}"`` write a lemma of the synset's hypernym (``"dog: a member of
+  the genus Canis ..."`` -> ``"canine"``), scored by exact match against every lemma of every direct hypernym.
+
+Users bring their own data as JSONL with ``input``/``output`` fields.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import json
 import logging
 import os
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,10 +63,26 @@ SUPERSENSE_LABELS: tuple[str, ...] = _NOUN_LEXNAMES
 
 @dataclass(frozen=True)
 class Example:
-    """One input/output pair; frozen so cached datasets cannot be mutated by callers."""
+    """One input/output pair; frozen so cached datasets cannot be mutated by callers. `answers`: every output
+    that counts as correct (empty: only `output`), e.g. all lemmas of a hypernym."""
 
     input: str
     output: str
+    answers: tuple[str, ...] = ()
+
+    def accepted(self) -> tuple[str, ...]:
+        return self.answers or (self.output,)
+
+
+@dataclass(frozen=True)
+class Synset:
+    """The fields of one ``data.noun`` line the tasks use."""
+
+    offset: str
+    lex_filenum: int
+    lemmas: tuple[str, ...]  # underscores replaced by spaces, in WordNet's order
+    gloss: str
+    hypernyms: tuple[str, ...]  # offsets of the direct hypernyms: "@" (class) and "@i" (instance) pointers
 
 
 def read_lexnames(wordnet_dir: str | os.PathLike) -> dict[int, str]:
@@ -84,21 +105,108 @@ def read_lexnames(wordnet_dir: str | os.PathLike) -> dict[int, str]:
     return names
 
 
-def parse_noun_line(line: str, lexnames: dict[int, str]) -> Example:
-    """Turn one ``data.noun`` synset line into ``Example("{lemma}: {gloss}", supersense)``.
+def supersense_example(synset: Synset, lexnames: dict[int, str]) -> Example:
+    """``Example("{first lemma}: {gloss}", supersense)`` of one noun synset."""
+    lexname = lexnames.get(synset.lex_filenum)
+    if lexname is None or not lexname.startswith("noun."):
+        raise ValueError(f"synset {synset.offset}: lex_filenum {synset.lex_filenum} is not a noun lexicographer file")
+    return Example(input=f"{synset.lemmas[0]}: {synset.gloss}", output=lexname.removeprefix("noun."))
 
-    Format: ``offset lex_filenum ss_type w_cnt word lex_id [word lex_id ...] p_cnt ... | gloss``; only
-    the first word (w_cnt is hex, so we never need to count words) and the gloss are used.
-    """
+
+def parse_synset(line: str) -> Synset:
+    """Parse one ``data.noun`` line: ``offset lex_filenum ss_type w_cnt word lex_id ... p_cnt [ptr offset pos
+    src/tgt] ... | gloss``. w_cnt is two hex digits, p_cnt three decimal ones."""
     head, sep, gloss = line.partition("| ")
     fields = head.split()
-    if not sep or len(fields) < 5:
-        raise ValueError(f"expected 'offset lex_filenum ss_type w_cnt word ... | gloss', got {line[:60]!r}")
-    lexname = lexnames.get(int(fields[1]))
-    if lexname is None or not lexname.startswith("noun."):
-        raise ValueError(f"lex_filenum {fields[1]} is not a noun lexicographer file ({lexname})")
-    lemma = fields[4].replace("_", " ")
-    return Example(input=f"{lemma}: {gloss.strip()}", output=lexname.removeprefix("noun."))
+    bad = ValueError(f"expected 'offset lex_filenum ss_type w_cnt word ... p_cnt ... | gloss', got {line[:60]!r}")
+    try:
+        n_words = int(fields[3], 16)
+        words = fields[4 : 4 + 2 * n_words : 2]
+        at = 4 + 2 * n_words
+        pointers = [fields[at + 1 + 4 * k : at + 5 + 4 * k] for k in range(int(fields[at]))]
+        lex_filenum = int(fields[1])
+    except (IndexError, ValueError):
+        raise bad from None
+    if not sep or len(words) != n_words or any(len(p) != 4 for p in pointers):
+        raise bad
+    hypernyms = tuple(p[1] for p in pointers if p[0] in ("@", "@i") and p[2] == "n")
+    lemmas = tuple(w.replace("_", " ") for w in words)
+    return Synset(fields[0], lex_filenum, lemmas, gloss.strip(), hypernyms)
+
+
+@functools.lru_cache(maxsize=4)
+def _load_synsets_cached(path: str) -> tuple[Synset, ...]:
+    synsets = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if line.startswith("  "):  # license header
+                continue
+            try:
+                synsets.append(parse_synset(line))
+            except ValueError as e:
+                raise ValueError(f"{path}:{lineno}: {e}") from None
+    return tuple(synsets)
+
+
+def load_noun_synsets(path: str | os.PathLike = WORDNET_NOUN_PATH) -> list[Synset]:
+    """Every synset of ``data.noun`` in file order (parsed once, cached)."""
+    if not os.path.isfile(path):
+        raise _missing_wordnet(path)
+    return list(_load_synsets_cached(os.path.abspath(path)))
+
+
+def load_wordnet_hypernyms(path: str | os.PathLike = WORDNET_NOUN_PATH) -> list[Example]:
+    """One example per noun synset that has a hypernym: ``"{lemma}: {gloss}"`` -> the first lemma of its first
+    hypernym (WordNet lists the most common lemma first), accepting every lemma of every direct hypernym (class
+    and instance pointers). 82,114 of the 82,115 noun synsets have one (all but ``entity``)."""
+    synsets = load_noun_synsets(path)
+    by_offset = {s.offset: s for s in synsets}
+    examples = []
+    for s in synsets:
+        parents = [by_offset[o] for o in s.hypernyms if o in by_offset]
+        if not parents:
+            continue
+        answers = tuple(dict.fromkeys(lemma for p in parents for lemma in p.lemmas))
+        examples.append(Example(f"{s.lemmas[0]}: {s.gloss}", parents[0].lemmas[0], answers))
+    return examples
+
+
+def seeded_splits(
+    examples: list[Example], seed: int, n_train: int | None, n_dev: int, n_test: int
+) -> dict[str, list[Example]]:
+    """Seeded, disjoint train/dev/test splits (``n_train=None``: all the rest) of examples de-duplicated by input
+    (the last of equal inputs is kept, in the first one's place), so no text is in two splits. Test is carved from the shuffled pool
+    first, then dev, then train: for a given seed the test set does not change with the other sizes."""
+    unique = list({ex.input: ex for ex in examples}.values())
+    sizes = {"n_dev": n_dev, "n_test": n_test, "n_train": n_train}
+    if any(v is not None and v < 0 for v in sizes.values()):
+        raise ValueError(f"split sizes must be >= 0, got {sizes}")
+    wanted = n_test + n_dev + (n_train or 0)
+    if wanted > len(unique):
+        raise ValueError(f"requested {wanted} examples ({sizes}) but only {len(unique)} unique exist")
+    random.Random(seed).shuffle(unique)
+    test, dev = unique[:n_test], unique[n_test : n_test + n_dev]
+    rest = unique[n_test + n_dev :]
+    return {"train": rest if n_train is None else rest[:n_train], "dev": dev, "test": test}
+
+
+def hypernym_instruction() -> str:
+    """Zero-shot instruction of the hypernym task."""
+    return (
+        "Give the hypernym of the WordNet noun sense below: a more general word that it is a kind of "
+        "(dog -> canine, car -> motor vehicle). Answer with the word only."
+    )
+
+
+def normalize_answer(text: str) -> str:
+    """What exact match compares: lowercased, whitespace collapsed, surrounding spaces and a final period
+    dropped (the model's answer is free text; WordNet lemmas are lowercase except proper nouns)."""
+    return " ".join(text.strip().lower().removesuffix(".").split())
+
+
+def exact_match(prediction: str, example: Example) -> bool:
+    """True if the normalised prediction equals one of the example's accepted answers."""
+    return normalize_answer(prediction) in {normalize_answer(a) for a in example.accepted()}
 
 
 def _missing_wordnet(path: str | os.PathLike) -> FileNotFoundError:
@@ -108,17 +216,12 @@ def _missing_wordnet(path: str | os.PathLike) -> FileNotFoundError:
 @functools.lru_cache(maxsize=4)
 def _load_wordnet_cached(path: str) -> tuple[Example, ...]:
     lexnames = read_lexnames(os.path.dirname(path))
-    examples = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if line.startswith("  "):  # license header
-                continue
-            try:
-                examples.append(parse_noun_line(line, lexnames))
-            except ValueError as e:
-                raise ValueError(f"{path}:{lineno}: {e}") from None
+    try:
+        examples = tuple(supersense_example(synset, lexnames) for synset in _load_synsets_cached(path))
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
     logger.info("Loaded %d noun synsets from %s", len(examples), path)
-    return tuple(examples)
+    return examples
 
 
 def load_wordnet_supersenses(path: str | os.PathLike = WORDNET_NOUN_PATH) -> list[Example]:
@@ -133,31 +236,25 @@ def supersense_pool_size(path: str | os.PathLike = WORDNET_NOUN_PATH) -> int:
     return len({ex.input for ex in load_wordnet_supersenses(path)})
 
 
-def supersense_splits(
+WORDNET_TASKS: dict[str, Callable[[str | os.PathLike], list[Example]]] = {
+    "supersense": load_wordnet_supersenses,
+    "hypernym": load_wordnet_hypernyms,
+}
+
+
+def wordnet_splits(
+    task: str,
     seed: int = 0,
     n_train: int | None = 2000,
     n_dev: int = 500,
     n_test: int = 1000,
     path: str | os.PathLike = WORDNET_NOUN_PATH,
 ) -> dict[str, list[Example]]:
-    """Seeded, disjoint train/dev/test splits of the supersense task (``n_train=None``: all the rest).
-
-    Inputs are de-duplicated first so no text appears in two splits. Test is carved from the shuffled
-    pool first, then dev, then train, so for a given seed the test set does not change with the other
-    sizes and results stay comparable across runs.
-    """
-    examples = list({ex.input: ex for ex in load_wordnet_supersenses(path)}.values())
-    sizes = {"n_dev": n_dev, "n_test": n_test, "n_train": n_train}
-    if any(v is not None and v < 0 for v in sizes.values()):
-        raise ValueError(f"split sizes must be >= 0, got {sizes}")
-    wanted = n_test + n_dev + (n_train or 0)
-    if wanted > len(examples):
-        raise ValueError(f"requested {wanted} examples ({sizes}) but only {len(examples)} unique exist")
-    random.Random(seed).shuffle(examples)
-    test, dev = examples[:n_test], examples[n_test : n_test + n_dev]
-    rest = examples[n_test + n_dev :]
-    train = rest if n_train is None else rest[:n_train]
-    return {"train": train, "dev": dev, "test": test}
+    """Seeded, disjoint train/dev/test splits of a WordNet task (`WORDNET_TASKS`; ``n_train=None``: all the rest);
+    see `seeded_splits`: for a given seed the test set does not change with the other sizes."""
+    if task not in WORDNET_TASKS:
+        raise ValueError(f"task must be one of {', '.join(WORDNET_TASKS)}, got {task!r}")
+    return seeded_splits(WORDNET_TASKS[task](path), seed, n_train, n_dev, n_test)
 
 
 def load_jsonl(path: str | os.PathLike) -> list[Example]:
@@ -203,19 +300,53 @@ def supersense_instruction(labels: tuple[str, ...] = SUPERSENSE_LABELS) -> str:
     )
 
 
-def format_example(tokenizer, text: str, instruction: str | None = None, system: str | None = None) -> str:
+def format_example(
+    tokenizer,
+    text: str,
+    instruction: str | None = None,
+    system: str | None = None,
+    demos: list[tuple[str, str]] | None = None,
+) -> str:
     """Render ``text`` (after ``instruction``) as a prompt ready for the model's answer.
 
     Instruct models get a chat-template user turn with the generation prompt appended, matching how
     they were tuned (and, with `system`, that system turn: e.g. a soft prompt's slot); tokenizers without a
-    chat template get plain text ending in a newline.
+    chat template get plain text ending in a newline. `demos` are solved examples (input, answer) put before the
+    example as earlier user/assistant turns (few-shot prompting); the instruction goes before the first of them.
     """
-    content = f"{instruction}\n\n{text}" if instruction else text
+    turns = [*(demos or []), (text, None)]
     if getattr(tokenizer, "chat_template", None):
         messages = [{"role": "system", "content": system}] if system is not None else []
-        messages.append({"role": "user", "content": content})
+        for i, (user, answer) in enumerate(turns):
+            messages.append({"role": "user", "content": f"{instruction}\n\n{user}" if instruction and i == 0 else user})
+            if answer is not None:
+                messages.append({"role": "assistant", "content": answer})
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    return f"{system}\n{content}\n" if system is not None else f"{content}\n"
+    lines = [] if system is None else [system]
+    for i, (user, answer) in enumerate(turns):
+        lines.append(f"{instruction}\n\n{user}" if instruction and i == 0 else user)
+        if answer is not None:
+            lines.append(answer)
+    return "\n".join(lines) + "\n"
+
+
+def few_shot_demos(examples: list[Example], k: int, seed: int, labels: tuple[str, ...] | None = None) -> list[Example]:
+    """k solved examples for few-shot prompting, seeded. With `labels`, round-robin over the classes (k = number
+    of classes: one per class; each class's examples in a seeded order), then shuffled so that no class always sits
+    nearest the question; without, the first k of a seeded shuffle."""
+    rng = random.Random(f"demos-{seed}-{k}")
+    pool = examples[:]
+    rng.shuffle(pool)
+    if labels is None:
+        return pool[:k]
+    queues = [[ex for ex in pool if ex.output == label] for label in labels]
+    chosen: list[Example] = []
+    depth = 0
+    while len(chosen) < k and any(depth < len(q) for q in queues):
+        chosen += [q[depth] for q in queues if depth < len(q)][: k - len(chosen)]
+        depth += 1
+    rng.shuffle(chosen)
+    return chosen
 
 
 def label_token_ids(tokenizer, labels: tuple[str, ...] = SUPERSENSE_LABELS, prefix: str = " ") -> list[int]:

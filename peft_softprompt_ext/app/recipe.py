@@ -2,7 +2,7 @@
 
 Kept apart from the CLI so it can be called (and tested) without argparse. Two kinds of task:
 
-- the built-in example task (WordNet noun supersenses, `data.supersense_splits`): 26 one-word classes, scored by
+- the built-in example task (WordNet noun supersenses, `data.wordnet_splits`): 26 one-word classes, scored by
   *label ranking*: the class whose first token gets the highest next-token logit wins (one forward per example).
   The hard-prompt baseline is the zero-shot model given an instruction that names every class; the soft prompt
   *replaces* that instruction, so the comparison is "hand-written instruction vs learned prompt".
@@ -21,12 +21,13 @@ import os
 import random
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import torch
 from peft import get_peft_model
 from tqdm.auto import tqdm
+from transformers.optimization import Adafactor
 
 from .. import adapter_dir, slots
 from .. import cache as kv
@@ -41,6 +42,10 @@ logger = logging.getLogger(__name__)
 
 BUILTIN_TASK = "supersense"
 PLACEMENTS = ("prepend", "system")  # where the soft prompt goes: before everything, or a slot in the system turn
+OPTIMIZERS = ("adamw", "adafactor")
+SCHEDULES = ("linear", "constant", "cosine")  # after the warm-up: decay to 0 linearly / keep / half cosine to 0
+WARMUP = 0.1  # share of the steps with a linear lr ramp
+DATA_FEW_SHOT = 4  # solved examples in the few-shot baseline of --data (the built-in task: one per class)
 BUILTIN_INIT_TEXT = "Classify the noun into its WordNet category, such as animal, artifact or person:"
 DEFAULT_INIT_TEXT = "Read the input and reply with the expected output:"
 
@@ -57,7 +62,7 @@ class TrainSettings:
     num_tokens: int = 20
     init: str = "text"
     init_text: str | None = None
-    lr: float = 0.08
+    lr: float = 0.1  # the lever sweep's best (benchmarks/README.md, "bench_quality: lever sweep")
     steps: int = 40
     batch_size: int = 8
     eval_size: int = 100
@@ -67,6 +72,9 @@ class TrainSettings:
     overwrite: bool = False
     progress: bool = True
     placement: str = "prepend"  # "prepend": before everything; "system": a slot in the chat template's system turn
+    optimizer: str = "adamw"
+    schedule: str = "linear"
+    few_shot: int | None = None  # solved examples in the few-shot baseline; None: the task's default; 0: none
 
     def validate(self) -> None:
         """Raise CliError naming the first bad option, and check --out, before any model is loaded."""
@@ -80,8 +88,11 @@ class TrainSettings:
             raise CliError(f"--lr must be a positive number, got {self.lr}")
         if self.eval_data and not self.data:
             raise CliError("--eval-data needs --data (the built-in task has its own held-out split)")
-        if self.placement not in PLACEMENTS:
-            raise CliError(f"--placement must be one of {', '.join(PLACEMENTS)}, got {self.placement!r}")
+        for name, allowed in (("placement", PLACEMENTS), ("optimizer", OPTIMIZERS), ("schedule", SCHEDULES)):
+            if getattr(self, name) not in allowed:
+                raise CliError(f"--{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        if self.few_shot is not None and (isinstance(self.few_shot, bool) or self.few_shot < 0):
+            raise CliError(f"--few-shot must be 0 or more, got {self.few_shot!r}")
         self.check_out()
 
     def check_out(self) -> None:
@@ -109,6 +120,7 @@ class Task:
     baseline_instruction: str | None  # in the input of the zero-shot hard-prompt baseline
     labels: tuple[str, ...] | None  # set: score by label ranking; None: exact match of greedy generation
     init_text: str
+    demos: list[Example] = field(default_factory=list)  # solved training examples of the few-shot baseline
 
 
 @dataclass
@@ -132,12 +144,14 @@ class TrainResult:
     after: EvalResult
     train_seconds: float
     losses: list[float] = field(default_factory=list)
+    few_shot: EvalResult | None = None  # the hard-prompt baseline with solved examples in the context
+    few_shot_k: int = 0  # how many
 
 
 # --------------------------------------------------------------------------- data
 
 
-def builtin_task(seed: int, n_train: int, n_eval: int) -> Task:
+def builtin_task(seed: int, n_train: int, n_eval: int, few_shot: int | None = None) -> Task:
     """WordNet noun supersenses: held-out examples carved first, so they don't move with the step count."""
     available = data.supersense_pool_size()
     if n_train + n_eval > available:
@@ -145,7 +159,8 @@ def builtin_task(seed: int, n_train: int, n_eval: int) -> Task:
             f"--steps x --batch-size = {n_train} training examples plus --eval-size {n_eval} exceed the {available} "
             "distinct WordNet nouns of the built-in task: lower --steps or --batch-size"
         )
-    splits = data.supersense_splits(seed=seed, n_train=n_train, n_dev=0, n_test=n_eval)
+    splits = data.wordnet_splits("supersense", seed=seed, n_train=n_train, n_dev=0, n_test=n_eval)
+    k = len(data.SUPERSENSE_LABELS) if few_shot is None else few_shot
     return Task(
         name=BUILTIN_TASK,
         train=splits["train"],
@@ -154,10 +169,13 @@ def builtin_task(seed: int, n_train: int, n_eval: int) -> Task:
         baseline_instruction=data.supersense_instruction(),
         labels=data.SUPERSENSE_LABELS,
         init_text=BUILTIN_INIT_TEXT,
+        demos=data.few_shot_demos(splits["train"], k, seed, data.SUPERSENSE_LABELS),
     )
 
 
-def jsonl_task(path: str, eval_path: str | None, instruction: str | None, eval_size: int, seed: int) -> Task:
+def jsonl_task(
+    path: str, eval_path: str | None, instruction: str | None, eval_size: int, seed: int, few_shot: int | None = None
+) -> Task:
     """User data; without ``eval_path`` up to ``eval_size`` examples (at most a fifth) are held out."""
     examples = data.load_jsonl(path)
     if eval_path:
@@ -177,6 +195,7 @@ def jsonl_task(path: str, eval_path: str | None, instruction: str | None, eval_s
         baseline_instruction=instruction,
         labels=None,
         init_text=instruction or DEFAULT_INIT_TEXT,
+        demos=data.few_shot_demos(train, DATA_FEW_SHOT if few_shot is None else few_shot, seed),
     )
 
 
@@ -188,13 +207,16 @@ class Prompting:
     instruction: str | None
     max_input_tokens: int
     system: str | None = None
+    demos: tuple[Example, ...] = ()  # few-shot: solved examples as earlier chat turns
+
+    def cut(self, tokenizer: Any, text: str) -> str:
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        return tokenizer.decode(ids[: self.max_input_tokens]) if len(ids) > self.max_input_tokens else text
 
     def ids(self, tokenizer: Any, text: str) -> list[int]:
-        """Token ids of the formatted request; an over-long input is cut (from its end) before formatting."""
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-        if len(ids) > self.max_input_tokens:
-            text = tokenizer.decode(ids[: self.max_input_tokens])
-        formatted = data.format_example(tokenizer, text, self.instruction, self.system)
+        """Token ids of the formatted request; an over-long input (and demo) is cut (from its end) first."""
+        demos = [(self.cut(tokenizer, ex.input), ex.output) for ex in self.demos]
+        formatted = data.format_example(tokenizer, self.cut(tokenizer, text), self.instruction, self.system, demos)
         return tokenizer(formatted, add_special_tokens=False)["input_ids"]
 
 
@@ -349,12 +371,54 @@ def evaluate(model: Any, tokenizer: Any, task: Task, prompting: Prompting, progr
 
 
 def build_task(settings: TrainSettings) -> Task:
-    if settings.data:
-        return jsonl_task(settings.data, settings.eval_data, settings.instruction, settings.eval_size, settings.seed)
-    return builtin_task(settings.seed, settings.steps * settings.batch_size, settings.eval_size)
+    s = settings
+    if s.data:
+        return jsonl_task(s.data, s.eval_data, s.instruction, s.eval_size, s.seed, s.few_shot)
+    return builtin_task(s.seed, s.steps * s.batch_size, s.eval_size, s.few_shot)
 
 
-def card_info(task: Task, settings: TrainSettings, before: EvalResult, after: EvalResult, seconds: float) -> dict:
+def make_optimizer(
+    params: list[torch.nn.Parameter],
+    optimizer: str,
+    lr: float,
+    schedule: str,
+    steps: int,
+    warmup: float = WARMUP,
+    weight_decay: float = 0.0,
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    """The optimizer and lr schedule of a soft prompt: AdamW, or Adafactor as Lester et al. ran it (no parameter
+    scaling, no relative step); a linear warm-up over `warmup` of the steps, then `schedule` (SCHEDULES). Weight
+    decay defaults to 0: decaying a prompt pulls it off the embedding manifold."""
+    if optimizer == "adafactor":
+        opt: torch.optim.Optimizer = Adafactor(
+            params, lr=lr, scale_parameter=False, relative_step=False, warmup_init=False, weight_decay=weight_decay
+        )
+    else:
+        opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    ramp = max(1, round(steps * warmup)) if warmup > 0 else 0
+
+    def factor(step: int) -> float:
+        if step < ramp:
+            return (step + 1) / ramp
+        done = (step - ramp) / max(1, steps - ramp)
+        if schedule == "constant":
+            return 1.0
+        if schedule == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * done))
+        return max(0.0, 1.0 - done)
+
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+def optimizer_text(settings: TrainSettings) -> str:
+    name = "Adafactor" if settings.optimizer == "adafactor" else "AdamW"
+    after = {"linear": "linear decay to 0", "constant": "constant", "cosine": "cosine decay to 0"}[settings.schedule]
+    return f"{name}, lr {settings.lr}, linear warm-up over the first {WARMUP:.0%} of steps then {after}, grad-norm clip 1.0"
+
+
+def card_info(
+    task: Task, settings: TrainSettings, before: EvalResult, after: EvalResult, seconds: float, few: EvalResult | None
+) -> dict:
     """What the model card reports about this run (card.py renders it)."""
     data_name = "WordNet 3.0 noun supersenses (Debian wordnet-base)" if task.labels else task.name
     return {
@@ -363,16 +427,44 @@ def card_info(task: Task, settings: TrainSettings, before: EvalResult, after: Ev
             "data": f"{data_name}: {len(task.train)} examples",
             "steps": settings.steps,
             "batch size": settings.batch_size,
-            "optimizer": f"AdamW, lr {settings.lr}, linear warm-up over the first 10 % of steps, grad-norm clip 1.0",
+            "optimizer": optimizer_text(settings),
             "init": settings.init,
             "seed": settings.seed,
             "train time (s)": round(seconds, 1),
         },
         "evaluation": [
             {"name": "before (hard prompt)", "metric": before.metric, "score": before.accuracy, "n": before.n},
+            *(
+                [
+                    {
+                        "name": f"few-shot ({len(task.demos)} examples)",
+                        "metric": few.metric,
+                        "score": few.accuracy,
+                        "n": few.n,
+                    }
+                ]
+                if few is not None
+                else []
+            ),
             {"name": "after (soft prompt)", "metric": after.metric, "score": after.accuracy, "n": after.n},
         ],
     }
+
+
+def baselines(model: Any, tokenizer: Any, task: Task, settings: TrainSettings) -> tuple[EvalResult, EvalResult | None]:
+    """The hard prompts the soft prompt is compared with: zero-shot (the instruction alone) and few-shot (the
+    instruction and `task.demos` as earlier chat turns; None without demos)."""
+    zero = Prompting(task.baseline_instruction, settings.max_input_tokens)
+    before = evaluate(model, tokenizer, task, zero, settings.progress)
+    if task.baseline_instruction:
+        before.prompt_tokens = len(tokenizer(task.baseline_instruction, add_special_tokens=False)["input_ids"])
+    if not task.demos:
+        return before, None
+    shots = replace(zero, demos=tuple(task.demos))
+    few = evaluate(model, tokenizer, task, shots, settings.progress)
+    first = task.eval[0].input
+    few.prompt_tokens = len(shots.ids(tokenizer, first)) - len(zero.ids(tokenizer, first)) + (before.prompt_tokens or 0)
+    return before, few
 
 
 def train(settings: TrainSettings, log: Any = print) -> TrainResult:
@@ -389,10 +481,7 @@ def train(settings: TrainSettings, log: Any = print) -> TrainResult:
     log(f"task: {task.name}: {len(task.train)} training examples, {len(task.eval)} held out")
 
     torch.manual_seed(settings.seed)
-    baseline = Prompting(task.baseline_instruction, settings.max_input_tokens)
-    before = evaluate(model, tokenizer, task, baseline, settings.progress)
-    if task.baseline_instruction:
-        before.prompt_tokens = len(tokenizer(task.baseline_instruction, add_special_tokens=False)["input_ids"])
+    before, few = baselines(model, tokenizer, task, settings)
 
     init_text = settings.init_text or task.init_text
     config = SoftPromptConfig(
@@ -411,10 +500,7 @@ def train(settings: TrainSettings, log: Any = print) -> TrainResult:
         system = slots.slot_text(peft_model)
     prompting = Prompting(task.instruction, settings.max_input_tokens, system)
     params = [p for p in peft_model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: min(1.0, (step + 1) / max(1, settings.steps // 10))
-    )
+    optimizer, schedule = make_optimizer(params, settings.optimizer, settings.lr, settings.schedule, settings.steps)
     prompts = [prompting.ids(tokenizer, ex.input) for ex in task.train]
     targets = [target_ids(tokenizer, ex.output) for ex in task.train]
     batches = training_batches(len(task.train), settings.batch_size, settings.seed)
@@ -450,14 +536,15 @@ def train(settings: TrainSettings, log: Any = print) -> TrainResult:
         "base_model": model_path,
         "settings": {k: v for k, v in asdict(settings).items() if k not in ("progress", "overwrite")},
         "before": asdict(before),
+        "few_shot": None if few is None else {**asdict(few), "k": len(task.demos)},
         "after": asdict(after),
         "train_seconds": round(train_seconds, 2),
         "final_loss": losses[-1] if losses else None,
     }
-    peft_model.model_card_info = card_info(task, settings, before, after, train_seconds)
+    peft_model.model_card_info = card_info(task, settings, before, after, train_seconds, few)
     with adapter_dir.writing(settings.out, "replace" if settings.overwrite else "create") as tmp:
         peft_model.save_pretrained(tmp)
         adapter_dir.write_json(tmp, TRAINING_INFO_NAME, info)
     out = os.path.abspath(settings.out)
     logger.info("Saved adapter to %s", out)
-    return TrainResult(out, task.name, before, after, train_seconds, losses)
+    return TrainResult(out, task.name, before, after, train_seconds, losses, few, len(task.demos))
