@@ -121,6 +121,23 @@ def test_gradient_checkpointing_gives_same_prompt_gradients(arch, reentrant):
     assert calls[0] == (2 if reentrant else 3)
 
 
+def test_one_row_in_training_takes_concatenation():
+    """At B=1 sharing saves no positions (B*L + P either way) and splits the step in two, so a training forward of
+    one row concatenates: one attention call per layer, no batch-1 prompt pass; gradients as with sharing off."""
+    ids = tiny.random_ids(1, 6)
+    model = make("llama")
+    assert model.capabilities.prefix_kv  # the probe (its own forwards) runs first
+    calls = _attention_calls(model)
+    grad = _prompt_grad(model, ids)
+    assert calls[0] == 1
+    torch.testing.assert_close(grad, _prompt_grad(make("llama", shared_prompt_kv=False), ids), rtol=1e-5, atol=1e-7)
+    with torch.no_grad():  # inference of one row keeps the shared path: compile the prompt once, then reuse it
+        model.eval()(input_ids=ids)
+        calls[0] = 0
+        model(input_ids=ids)
+    assert calls[0] == 1 and len(model.compiled_prompts) == 1
+
+
 def test_execution_path_is_public_and_follows_the_model_state():
     model = make("llama")
     assert model.execution_path is ExecutionPath.PREFIX_KV

@@ -88,6 +88,26 @@ def test_forward_equals_manual_splice_with_the_input_length(arch, shared, side):
         assert len(model.compiled_prompts) == 0
 
 
+@pytest.mark.parametrize("keep", [1, 3, "indices"])
+@pytest.mark.parametrize("rows", ["ragged_left", "ragged_right", "equal"])
+def test_logits_to_keep_on_the_compiled_prefix(keep, rows):
+    """A request's prefill asks for the last logits only: the compiled prefix serves it (equal remainders: the base
+    model's own logits_to_keep; ragged ones: cut from the full logits), equal to the manual splice."""
+    model, tokenizer = make("llama", shared=True)
+    texts_ = texts(model)
+    batch = {"ragged_left": (texts_, "left"), "ragged_right": (texts_, "right"), "equal": ([texts_[0]] * 2, "left")}
+    ids, mask = encode(tokenizer, *batch[rows])
+    kept = torch.tensor([0, ids.shape[1] - 1]) if keep == "indices" else keep
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=mask, logits_to_keep=kept).logits
+        full = reference_logits(model, ids, mask)
+    expected = full[:, kept] if keep == "indices" else full[:, -keep:]
+    assert out.shape == expected.shape
+    real = (mask[:, kept] if keep == "indices" else mask[:, -keep:]).bool()
+    torch.testing.assert_close(out[real], expected[real], atol=1e-5, rtol=1e-4)
+    assert len(model.compiled_prompts) == 1, "logits_to_keep must not push a slotted batch off the compiled prefix"
+
+
 @pytest.mark.parametrize("shared", [True, False], ids=["compiled_prefix", "splice"])
 def test_padding_invariance_both_sides(shared):
     model, tokenizer = make("llama", shared)

@@ -266,6 +266,9 @@ class SoftPromptModel(PeftModel):
     def _needs_grad(self, name: str) -> bool:
         return torch.is_grad_enabled() and any(p.requires_grad for p in self.prompt_encoder[name].parameters())
 
+    def _trains_prompt(self, batch: PromptBatch) -> bool:
+        return any(self._needs_grad(n) for n in batch.names if n)
+
     def _adapter_cache(self, name: str) -> Any:
         """The prompt's batch-1 KV cache: compiled once for inference, recomputed (with grad) for training."""
 
@@ -378,13 +381,9 @@ class SoftPromptModel(PeftModel):
         if self.label_layout is not LabelLayout.NEXT_TOKEN:
             reasons.append("slots outside a causal LM (the task's outputs are spliced, not compiled)")
         if purpose is Purpose.FORWARD:
-            if (
-                batch.labels is not None
-                or any(self._needs_grad(n) for n in batch.names if n)
-                or self.base_model.training
-            ):
+            if batch.labels is not None or self._trains_prompt(batch) or self.base_model.training:
                 reasons.append("slots in training (the prompt is spliced in and trained there)")
-            wanted = [k for k in ("output_hidden_states", "output_attentions", "logits_to_keep") if batch.kwargs.get(k)]
+            wanted = [k for k in ("output_hidden_states", "output_attentions") if batch.kwargs.get(k)]
             if wanted or batch.position_ids is not None:
                 reasons.append(f"slots with {wanted or ['position_ids']}")
         if batch.plan.fixed_prefixes(batch.input_ids, batch.mask, batch.rows) is None:
@@ -401,6 +400,9 @@ class SoftPromptModel(PeftModel):
             blockers += self._slot_blockers(batch, purpose)
             if batch.labels is not None and self.label_layout is LabelLayout.PER_TOKEN:
                 blockers.append("token labels (a token-classification loss reads the attention mask as its own)")
+            if purpose is Purpose.FORWARD and batch.batch_size == 1 and self._trains_prompt(batch):
+                # B*L + P positions either way; sharing only splits every matmul in two (benchmarks/README.md)
+                blockers.append("one row in training (sharing the prompt's keys/values saves no positions)")
         path, _ = choose(capabilities, shared, blockers, batch, purpose)
         return path
 

@@ -143,9 +143,12 @@ class PrefixKV:
 
     def _forward_fixed_prefix(self, model: PromptedModel, batch: PromptBatch) -> Any:
         """Inference with slots: each prompt's fixed prefix (hard tokens + virtual ones) comes from its compiled
-        cache, with its logits; the base model runs only on what follows the last slot."""
+        cache, with its logits; the base model runs only on what follows the last slot. `logits_to_keep` (what a
+        request's prefill asks for) reaches the base model when every row's last columns are its remainder's last
+        tokens, so the LM head runs on those alone; otherwise the full logits are built and cut."""
         base = model.base_model
         batch.kwargs.pop("use_cache", None)
+        keep = batch.kwargs.pop("logits_to_keep", 0)
         cache, cached, prefix_logits = model.prefix_cache(batch, frozen=True)
         cached = cached.to(device=batch.device, dtype=batch.mask.dtype)
         plan = batch.plan
@@ -154,12 +157,17 @@ class PrefixKV:
         inputs = {"input_ids": ids, "attention_mask": torch.cat([cached, rest.mask], dim=1), "use_cache": False}
         if kv.accepts(base, "position_ids"):
             inputs["position_ids"] = cached.sum(1, keepdim=True) + (rest.mask.cumsum(1) - 1).clamp_min(0)
+        tail = _remainder_tail(batch, rest, keep)
+        if tail:
+            inputs["logits_to_keep"] = tail
         outputs = base(**inputs, **{kv.cache_kwarg(base): cache}, return_dict=True, **batch.kwargs)
+        if tail:
+            return outputs
         logits = rest.put(outputs.logits, batch.length)
         for b in plan.slotted.nonzero()[:, 0].tolist():
             start, end = int(plan.start[b]), int(plan.prefix_end[b])
             logits[b, start:end] = prefix_logits[int(batch.rows[b])][0].to(logits.dtype)
-        outputs["logits"] = logits
+        outputs["logits"] = _kept(logits, keep)
         return outputs
 
     def generate(self, model: PromptedModel, batch: PromptBatch, **kwargs: Any) -> Any:
@@ -375,3 +383,19 @@ def _with_input(out: Any, input_ids: torch.Tensor, start: int) -> Any:
         return sequences
     out.sequences = sequences
     return out
+
+
+def _remainder_tail(batch: PromptBatch, rest: Remainder, keep: Any) -> int:
+    """`keep` if the user's last `keep` columns are, in every row, the last tokens of a padding-free remainder of
+    one length (so the base model's own `logits_to_keep` picks exactly them), else 0."""
+    if not isinstance(keep, int) or not 0 < keep <= rest.mask.shape[1] or not bool(rest.mask.all()):
+        return 0
+    after_prefix = bool((batch.plan.prefix_end <= batch.length - keep).all())
+    return keep if after_prefix and bool(batch.mask[:, -keep:].all()) else 0
+
+
+def _kept(logits: torch.Tensor, keep: Any) -> torch.Tensor:
+    """Transformers' `logits_to_keep`: 0 all positions, an int the last ones, a 1-D tensor those indices."""
+    if isinstance(keep, torch.Tensor):
+        return logits[:, keep.to(logits.device)]
+    return logits[:, -keep:] if keep else logits
