@@ -1,5 +1,6 @@
-"""Smoke test of benchmarks/bench_speed.py on a tiny Llama built from a config: every output is written with the
-expected rows. Timings are never asserted (tests don't time anything)."""
+"""Smoke test of benchmarks/bench_speed.py (and the benchmarks.common pieces it stands on) on a tiny Llama built
+from a config: the script runs end to end and writes its files with the expected rows. Timings are never asserted
+(tests don't time anything)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ from pathlib import Path
 import pytest
 import tiny
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_speed.py"
+ROOT = Path(__file__).resolve().parents[1]
+BENCH = ROOT / "benchmarks" / "bench_speed.py"
 
 
 @pytest.fixture(scope="module")
@@ -33,48 +35,139 @@ def tiny_dir(tmp_path_factory):
     return str(path)
 
 
-def test_bench_writes_json_markdown_and_plot(bench, tiny_dir, tmp_path):
-    out = tmp_path / "results"
-    # --threads 1: the test shares the machine; timings are irrelevant here, only the outputs are checked
+@pytest.fixture(scope="module")
+def smoke(bench, tiny_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("results")
     argv = ["--model", tiny_dir, "--prompt-lengths", "3", "5", "--batch-sizes", "2", "--seq-lengths", "6"]
-    argv += ["--warmup", "1", "--repeats", "2", "--new-tokens", "2", "--mixed-adapters", "3", "--threads", "1"]
+    argv += ["--rounds", "2", "--min-rounds", "1", "--new-tokens", "2", "--mixed-adapters", "3"]
+    argv += [
+        "--system-tokens",
+        "8",
+        "--system-batch-sizes",
+        "2",
+        "--user-tokens",
+        "6",
+        "--slot-tokens",
+        "3",
+        "--threads",
+        "1",
+    ]
+    argv += ["--methods", "bare", "lora", "peft_pt", "ours_shared", "ours_concat", "ours_proposed"]
     results = bench.main(argv + ["--out-dir", str(out), "--name", "speed_smoke"])
+    return results, out
 
+
+def test_bench_writes_json_markdown_and_plot(smoke):
+    results, out = smoke
     data = json.loads((out / "speed_smoke.json").read_text())
     assert data["settings"]["prompt_lengths"] == [3, 5] and data["settings"]["seed"] == 0
-    for key in ("cpu", "cpu_count", "torch", "transformers", "peft"):
+    for key in ("cpu", "cpu_count", "torch", "transformers", "peft", "torch_threads"):
         assert data["machine"][key]
-    rows = {(r["method"], r["P"], r["B"], r["L"]) for r in data["rows"]}
-    expected = {("bare", None, 2, 6), ("lora", None, 2, 6)}
-    expected |= {(m, p, 2, 6) for m in ("peft_pt", "ours_shared", "ours_concat") for p in (3, 5)}
-    assert rows == expected
-    for row in data["rows"]:
-        assert row["prefill_vs_bare"] is not None and row["gen_vs_bare"] is not None
-        if row["method"] != "bare":
-            assert row["train_vs_lora"] is not None and row["train_vs_lora_cpu"] is not None
-            assert row["step_peak_vs_lora"] is not None
-    trains = [r for r in data["records"] if r["kind"] == "train"]
-    assert len(trains) == 7 and all(len(r["times_s"]) >= 1 and r["step_peak_bytes"] > 0 for r in trains)
-    generates = [r for r in data["records"] if r["kind"] == "generate"]
-    assert all(r["tokens"] == 2 * 2 for r in generates)
-    assert [(r["P"], r["B"], r["L"]) for r in data["mixed"]] == [(3, 3, 6), (5, 3, 6)]
-    assert all(r["prefill_mixed_vs_single"] is not None and r["generate_mixed_vs_single"] for r in data["mixed"])
-    # no B=8, L=64 in this grid: no training target
-    assert {t["target"] for t in data["targets"]} == {
-        "prefill ×bare",
-        "mixed prefill ×single",
-        "mixed generate ×single",
+    assert data["load"]["start"] is not None and data["load"]["during_1min"]["n"] >= 1
+
+    records = data["records"]
+    kinds = {r["kind"] for r in records}
+    assert kinds == {
+        "train",
+        "train_gc",
+        "prefill",
+        "generate",
+        "mixed_prefill",
+        "mixed_generate",
+        "system",
+        "system_last",
     }
-    assert results["rows"] == data["rows"]
+    trains = [r for r in records if r["kind"] == "train"]
+    assert len(trains) == 1 + 4 * 2  # lora + 4 prompt methods x 2 prompt lengths
+    assert len([r for r in records if r["kind"] == "train_gc"]) == 1 + 3 * 2
+    for r in records:
+        assert 1 <= len(r["times_s"]) == len(r["cpu_times_s"]) <= 2 and r["flops"] > 0 and r["ops"] > 0
+        if r["kind"].startswith("train"):
+            assert r["step_peak_bytes"] > 0 and r["total_peak_bytes"] > r["step_peak_bytes"]
+    system = {r["method"] for r in records if r["kind"] == "system"}
+    assert system == {
+        "bare_user_turn",
+        "bare_hard_system",
+        "ours_compiled",
+        "ours_compiled_proposed",
+        "ours_recomputed",
+    }
+    last = {r["method"] for r in records if r["kind"] == "system_last"}
+    assert last == {"bare_user_turn", "ours_compiled", "ours_compiled_proposed"}
+
+    ratios = data["ratios"]
+    shared = [r for r in ratios if r["method"] == "ours_shared" and r["kind"] == "train" and r["against"] == "lora"]
+    assert {r["P"] for r in shared} == {3, 5}
+    for r in ratios:
+        for clock in ("cpu", "wall"):
+            spread = r[clock]
+            assert spread["min"] <= spread["median"] <= spread["max"] and isinstance(spread["noisy"], bool)
+    assert any(r["against"] == "ours_concat" and r["kind"] == "train_gc" for r in ratios)
+    # no P=20 in this grid: no training target, but every other target is there
+    targets = {t["target"].split(" ×")[0] for t in data["targets"]}
+    assert {"prefill", "generate tokens/s", "train", "train_gc", "mixed prefill", "mixed generate"} <= targets
+    assert any(t["target"].startswith("system prompt") for t in data["targets"])
+    assert data["headline"] and all(isinstance(v, float) for v in data["headline"].values())
+    assert results["headline"] == data["headline"]
 
     md = (out / "speed_smoke.md").read_text()
-    assert "## Training" in md and "## Inference" in md and "## Mixed-prompt" in md and "## Targets" in md
-    assert md.count("| ours_shared | 5 | 2 | 6 |") == 2  # a training row and an inference row
+    for heading in ("## Training", "## Inference", "## Shared prompt KV", "## Mixed-prompt", "## System prompt"):
+        assert heading in md
+    assert "| ours_shared | 5 | 2 | 6 |" in md and "load average" in md and "checkpointed" in md
     assert (out / "speed_smoke.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_bench_profile_mode(bench, tiny_dir, capsys):
-    argv = ["--model", tiny_dir, "--threads", "1", "--profile", "train:lora,ours_shared:3:2:6"]
-    assert bench.main(argv) is None
+def test_compare_two_runs(bench, smoke, capsys):
+    _, out = smoke
+    path = str(out / "speed_smoke.json")
+    verdict = bench.main(["--compare", path, path, "--out-dir", str(out), "--name", "twice"])
+    assert verdict["agree"] is True
+    assert "within 5%: yes" in capsys.readouterr().out
+    assert "within 5%: yes" in (out / "twice_agreement.md").read_text()
+
+
+def test_quick_grid_and_readme_rules(bench):
+    settings, _ = bench.parse_args(["--quick"])
+    assert (settings.prompt_lengths, settings.batch_sizes, settings.seq_lengths) == ([20], [8], [64])
+    assert settings.name == "speed_quick" and settings.rounds == settings.min_rounds and settings.quick
+    assert settings.threads == 1 and settings.checkpointing and settings.system_tokens == 200
+    assert settings.system_batch_sizes == [1] and settings.new_tokens == 8
+
+
+def test_profile_mode(bench, tiny_dir, tmp_path, capsys):
+    argv = ["--model", tiny_dir, "--threads", "1", "--out-dir", str(tmp_path)]
+    assert bench.main(argv + ["--profile", "train_gc:lora,ours_shared,ours_concat:3:2:6"]) is None
     report = capsys.readouterr().out
-    assert "## lora" in report and "## ours_shared" in report and "Self CPU" in report
+    assert "| op (self ms, calls) | lora | ours_shared | ours_concat |" in report and "**total**" in report
+    assert (tmp_path / "profile_train_gc_lora-ours_shared-ours_concat_3_2_6.md").exists()
+
+
+def test_common_readme_sections(tmp_path):
+    sys.path.insert(0, str(ROOT))
+    from benchmarks.common import readme
+
+    path = tmp_path / "README.md"
+    path.write_text("# Benchmarks\n\n## bench_quality\n\nQ\n\n## bench_quality: curve\n\nC\n")
+    readme.update_section("## bench_speed", "S1", path)
+    readme.update_section("## bench_quality", "Q2", path)
+    readme.update_section("## bench_speed", "S2", path)
+    assert readme.read_section("## bench_quality", path) == "Q2"
+    assert readme.read_section("## bench_quality: curve", path) == "C"
+    assert readme.read_section("## bench_speed", path) == "S2"
+
+
+def test_common_interleaving_and_spread():
+    sys.path.insert(0, str(ROOT))
+    from benchmarks.common import measure
+
+    order = []
+    samples = measure.interleaved(
+        [lambda: order.append("a"), lambda: order.append("b"), lambda: order.append("c")],
+        rounds=3,
+        prepare=[lambda: order.append("pa"), None, None],
+    )
+    assert [x for x in order if x != "pa"] == list("abcbcacab") and order.count("pa") == 3
+    assert [len(s) for s in samples] == [3, 3, 3]
+    spread = measure.Spread.of([1.0, 1.2, 0.9])
+    assert (spread.min, spread.median, spread.max) == (0.9, 1.0, 1.2) and spread.noisy()
+    assert not measure.Spread.of([1.0, 1.05]).noisy()

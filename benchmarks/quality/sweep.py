@@ -1,0 +1,243 @@
+"""The lever sweep: which soft-prompt settings `ours_default` uses, and the baselines' own knobs (LoRA's lr, few-shot
+k), chosen by DEV score (never test) at the default run's budget.
+
+Every row is one exact configuration, trained and scored on the dev split of each task at each sweep seed. Levers
+(Lester et al. 2021 and the design notes): learning rate (AdamW), Adafactor at lr 0.3, init (vocab sample,
+matched random, instruction text, class-label text, one label per token), prompt length at the >= 30x parameter
+budget (P <= 26 on SmolLM2: LoRA r8 q,v has 460,800 parameters), lr schedule and warmup, residual
+reparameterisation, bf16 autocast vs float32; then LoRA's lr and few-shot k.
+
+Rows are merged into ``<out-dir>/<name>.json`` by (task, seed, row), so the sweep can run in pieces
+(``--sweep-levers lr,init``) and a rerun replaces its rows; the table is rebuilt from every row on file.
+
+    python benchmarks/bench_quality.py --sweep                         # every lever, seed 0, both tasks
+    python benchmarks/bench_quality.py --sweep --sweep-levers lr --task supersense --seeds 0,1
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import statistics
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import Any
+
+from ..common import cli, models, readme, report
+from . import methods as M
+from .defaults import FEW_SHOT_CANDIDATES, LORA_RECIPE, OURS_DEFAULT
+from .engine import Recipe
+from .tasks import Formatter, load_task
+
+logger = logging.getLogger("bench_quality")
+SECTION = "## bench_quality: lever sweep"
+
+
+def _recipe(**changes: Any) -> Recipe:
+    return replace(OURS_DEFAULT.recipe, **changes)
+
+
+def soft_rows() -> dict[str, list[tuple[str, M.SoftSpec]]]:
+    """Lever -> [(row name, config)]; every row differs from OURS_DEFAULT in the named settings only."""
+    d = OURS_DEFAULT
+    return {
+        "lr": [(f"lr={lr:g}", replace(d, recipe=_recipe(lr=lr))) for lr in (0.01, 0.03, 0.1, 0.3, 1.0)],
+        "optimizer": [
+            (
+                "adafactor lr=0.3 constant (Lester)",
+                replace(d, recipe=_recipe(optimizer="adafactor", lr=0.3, schedule="constant", warmup=0.0)),
+            ),
+            ("adafactor lr=0.3 linear", replace(d, recipe=_recipe(optimizer="adafactor", lr=0.3))),
+        ],
+        "init": [
+            ("init=vocab", replace(d, init="vocab")),
+            ("init=random", replace(d, init="random")),
+            ("init=text (instruction)", replace(d, init="text", init_text="instruction")),
+            ("init=text (class labels)", replace(d, init="text", init_text="labels")),
+            ("init=class_labels (one per token)", replace(d, init="class_labels")),
+        ],
+        "length": [(f"P={p}", replace(d, num_virtual_tokens=p)) for p in (5, 10, 20, 26, 50)],
+        "schedule": [
+            ("schedule=linear warmup=0.1", replace(d, recipe=_recipe(schedule="linear", warmup=0.1))),
+            ("schedule=cosine warmup=0.1", replace(d, recipe=_recipe(schedule="cosine", warmup=0.1))),
+            ("schedule=constant warmup=0.1", replace(d, recipe=_recipe(schedule="constant", warmup=0.1))),
+            ("schedule=linear warmup=0", replace(d, recipe=_recipe(schedule="linear", warmup=0.0))),
+        ],
+        "reparam": [("residual (bottleneck 128)", replace(d, reparameterization="residual"))],
+        "pez_lr": [(f"PEZ lr={lr:g}", replace(d, projected=True, recipe=_recipe(lr=lr))) for lr in (0.03, 0.1, 0.3)],
+    }
+
+
+LEVERS = (*soft_rows(), "amp", "lora_lr", "few_shot_k", "steps")
+STEP_FACTORS = (2, 4)  # the "steps" lever: ours_default and LoRA at this many times the budget's steps
+
+
+def dev_run(s: Any, task_name: str, seed: int, tokenizer: Any, path: str, amp: str | None) -> M.Run:
+    """A Run whose 'test' split is the dev split: the sweep never reads test."""
+    formatter = Formatter(tokenizer, s.max_text_tokens)
+    sizes = {"n_train": s.n_train, "n_dev": s.n_dev, "n_test": s.n_test}
+    task = load_task(task_name, seed, sizes, formatter, s.data_path)
+    task = replace(task, test=task.dev, dev=[])
+    max_positions = getattr(models_config(path), "max_position_embeddings", 2048)
+    budget = M.Budget(s.steps, s.batch_size, s.eval_batch_size)
+    return M.Run(task, tokenizer, formatter, path, s.device, budget, max_positions, amp=amp)
+
+
+def models_config(path: str) -> Any:
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(path)
+
+
+def lever_rows(lever: str, run: M.Run) -> list[tuple[str, dict[str, Any], Any]]:
+    """(row name, config, thunk) triples of one lever; equal configs give equal results (reused, not rerun)."""
+    soft = soft_rows()
+    if lever in soft:
+        return [
+            (name, {"soft": spec.to_dict()}, lambda spec=spec, name=name: M.soft(run, name, spec))
+            for name, spec in soft[lever]
+        ]
+    if lever == "amp":
+        return [
+            (
+                "ours float32",
+                {"soft": OURS_DEFAULT.to_dict(), "amp": None},
+                lambda: M.soft(_fp32(run), "ours fp32", OURS_DEFAULT),
+            ),
+            ("ours bf16 autocast", {"soft": OURS_DEFAULT.to_dict()}, lambda: M.soft(run, "ours bf16", OURS_DEFAULT)),
+            ("LoRA float32", {"lora": LORA_RECIPE.to_dict(), "amp": None}, lambda: M.lora(_fp32(run), LORA_RECIPE)),
+            ("LoRA bf16 autocast", {"lora": LORA_RECIPE.to_dict()}, lambda: M.lora(run, LORA_RECIPE)),
+        ]
+    if lever == "lora_lr":
+        recipes = [replace(LORA_RECIPE, lr=lr) for lr in (3e-4, 1e-3, 3e-3, 1e-2)]
+        return [(f"LoRA lr={r.lr:g}", {"lora": r.to_dict()}, lambda r=r: M.lora(run, r)) for r in recipes]
+    if lever == "few_shot_k":
+        ks = [k for k in FEW_SHOT_CANDIDATES[run.task.spec.name] if M.fits(run, k)]
+        return [(f"few-shot k={k}", {"few_shot": k}, lambda k=k: M.few_shot(run, k, f"few_shot_k{k}")) for k in ks]
+    if lever == "steps":
+        return steps_rows(run)
+    raise ValueError(f"unknown lever {lever!r}; levers: {', '.join(LEVERS)}")
+
+
+def steps_rows(run: M.Run) -> list[tuple[str, dict[str, Any], Any]]:
+    """ours_default and LoRA at more steps (what a bigger budget buys: the curve behind the goal)."""
+    rows = []
+    for factor in STEP_FACTORS:
+        longer = replace(run, budget=replace(run.budget, steps=factor * run.budget.steps), kept={})
+        steps = longer.budget.steps
+        rows.append(
+            (
+                f"ours {steps} steps",
+                {"soft": OURS_DEFAULT.to_dict(), "steps": steps},
+                lambda r=longer: M.soft(r, "ours", OURS_DEFAULT),
+            )
+        )
+        rows.append(
+            (
+                f"LoRA {steps} steps",
+                {"lora": LORA_RECIPE.to_dict(), "steps": steps},
+                lambda r=longer: M.lora(r, LORA_RECIPE),
+            )
+        )
+    return rows
+
+
+def _fp32(run: M.Run) -> M.Run:
+    return replace(run, amp=None, kept={})
+
+
+def row_record(lever: str, name: str, key: str, result: M.MethodResult, seconds: float) -> dict[str, Any]:
+    return {
+        "task": result.task,
+        "seed": result.seed,
+        "lever": lever,
+        "row": name,
+        "key": key,
+        "dev_score": result.score,
+        "trainable_params": result.trainable_params,
+        "config": result.config,
+        "train_seconds": result.train_seconds,
+        "seconds": seconds,
+        "final_loss": statistics.fmean(result.losses[-10:]) if result.losses else None,
+    }
+
+
+class SweepFile:
+    """The sweep's JSON: rows keyed by (task, seed, lever, row), written after every row (an interrupted sweep
+    keeps what it finished); a row whose exact configuration is on file for its task and seed is copied."""
+
+    def __init__(self, path: Path, meta: dict[str, Any]) -> None:
+        self.path = path
+        self.data = json.loads(path.read_text()) if path.exists() else {"rows": [], "runs": []}
+        self.data["runs"].append(meta)
+
+    @staticmethod
+    def _id(r: dict[str, Any]) -> tuple:
+        return (r["task"], r["seed"], r["lever"], r["row"])
+
+    def done(self, task: str, seed: int, key: str) -> dict[str, Any] | None:
+        return next((r for r in self.data["rows"] if (r["task"], r["seed"], r.get("key")) == (task, seed, key)), None)
+
+    def add(self, record: dict[str, Any]) -> None:
+        self.data["rows"] = [r for r in self.data["rows"] if self._id(r) != self._id(record)] + [record]
+        report.write_json(self.path, self.data)
+
+
+def table(data: dict[str, Any]) -> str:
+    """One line per (task, lever, row): the mean dev score over the seeds on file, and each seed's."""
+    groups: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
+    for r in data["rows"]:
+        groups.setdefault((r["task"], r["lever"], r["row"]), []).append(r)
+    order = {lever: i for i, lever in enumerate(LEVERS)}
+    lines = []
+    for task, lever, row in sorted(groups, key=lambda k: (k[0], order.get(k[1], 99))):
+        rs = sorted(groups[(task, lever, row)], key=lambda r: r["seed"])
+        mean = statistics.fmean(r["dev_score"] for r in rs)
+        seeds = " / ".join(f"{100 * r['dev_score']:.1f}" for r in rs)
+        params = f"{rs[0]['trainable_params']:,}" if rs[0]["trainable_params"] else "0"
+        lines.append(
+            [task, lever, row, f"{100 * mean:.1f}", f"{seeds} (seeds {','.join(str(r['seed']) for r in rs)})", params]
+        )
+    return report.md_table(["task", "lever", "row", "dev score %", "per seed", "trainable"], lines, align="lllrrr")
+
+
+def main(args: Any, s: Any) -> int:
+    levers = [x for x in (args.sweep_levers or ",".join(LEVERS)).split(",") if x]
+    unknown = set(levers) - set(LEVERS)
+    if unknown:
+        raise SystemExit(f"unknown levers {sorted(unknown)}; levers: {', '.join(LEVERS)}")
+    path = models.model_path(s.model)
+    tokenizer = models.load_tokenizer(path)
+    out = Path(args.out_dir) / f"{args.name or ('quality_sweep_quick' if s.quick else 'quality_sweep')}.json"
+    meta = {"command": cli.command_line("benchmarks/bench_quality.py", None), "settings": asdict(s), "levers": levers}
+    sweep_file = SweepFile(out, meta)
+    for task_name in s.tasks:
+        for seed in s.seeds if args.seeds else [0]:
+            run = dev_run(s, task_name, seed, tokenizer, path, s.amp)
+            for lever in levers:
+                run_lever(sweep_file, lever, run, args.rerun)
+    text = table(sweep_file.data)
+    report.write_text(out.with_suffix(".md"), text + "\n")
+    print(text)
+    if args.readme and not s.quick:
+        readme.update_section(SECTION, SWEEP_NOTES + "\n\n" + text)
+    return 0
+
+
+def run_lever(sweep_file: SweepFile, lever: str, run: M.Run, rerun: bool) -> None:
+    task, seed = run.task.spec.name, run.task.seed
+    for name, config, thunk in lever_rows(lever, run):
+        key = json.dumps({"amp": run.amp, **config}, sort_keys=True)
+        known = None if rerun else sweep_file.done(task, seed, key)
+        if known is not None:
+            sweep_file.add({**known, "lever": lever, "row": name, "reused_from": f"{known['lever']} / {known['row']}"})
+            continue
+        t0 = time.perf_counter()
+        result = thunk()
+        sweep_file.add(row_record(lever, name, key, result, time.perf_counter() - t0))
+        logger.info("sweep %s seed %d %s / %s: dev %.4f", task, seed, lever, name, result.score)
+
+
+SWEEP_NOTES = """Rows differ from `ours_default` (see `benchmarks/quality/defaults.py`) in the named setting only; scores are
+DEV accuracy / exact match (the default run's test sets are never read), at the default run's budget."""
