@@ -51,7 +51,7 @@ tiny.causal_lm("llama").save_pretrained(sys.argv[1])
 EOF
     SPEED_ARGS=(--model "$TINY" --prompt-lengths 3 --batch-sizes 1 2 --seq-lengths 6 --rounds 2 --min-rounds 1
         --new-tokens 2 --mixed-adapters 3 --system-tokens 8 --system-batch-sizes 2 --user-tokens 6 --slot-tokens 3 --threads 1)
-    QUALITY_ARGS=(--device cpu --threads 1)
+    QUALITY_ARGS=(--device cpu --threads 1 --task supersense --seeds 0) # the CPU quick run of both tasks takes ~3 min
     NPROC=1
     DDP=(torchrun --standalone --nproc_per_node 1) # accelerate's MULTI_GPU config needs GPUs
     EXAMPLE_ARGS=(--cpu --model tiny --max-steps 2 --batch-size 2 --n-train 16 --n-eval 8 --eval-steps 2 --decode-every 2)
