@@ -5,7 +5,7 @@ Tasks (`benchmarks/quality/tasks.py`): `supersense` ("lemma: gloss" -> one of 26
 classes' first answer tokens) and `hypernym` ("lemma: gloss" -> a lemma of its hypernym, scored by exact match of
 greedy `generate` output). Every seed changes the split, the initialisation, the demos and the data order.
 Every trained method gets ONE budget (steps, batch, data order, loss on the answer only); `ours_default` is the
-one soft-prompt configuration chosen in advance by the lever sweep (`--sweep`).
+one soft-prompt configuration fixed before the run (`quality/defaults.py`; the lever sweep is `--sweep`).
 
     python benchmarks/bench_quality.py                     # default: both tasks, seeds 0,1,2, CPU (<= 45 min, 2 cores)
     python benchmarks/bench_quality.py --quick             # CI smoke: tiny slices, 2 seeds (<= 3 min)
@@ -72,7 +72,7 @@ OUTPUT["all"] = ("quality_all", "## bench_quality: every method")
 
 METHOD_NOTES = """Our soft prompt against prompting, hard prompts, PEFT's prompt tuning and LoRA on two WordNet 3.0 noun
 tasks (Debian `wordnet-base`), several seeds (`benchmarks/bench_quality.py`; code in `benchmarks/quality/`; JSON,
-markdown and plot in `benchmarks/results/quality.*`; the lever sweep that chose `ours_default` is the next section).
+markdown and plot in `benchmarks/results/quality.*`; the lever sweep, partial so far, is the next section).
 
 - Tasks. `supersense`: "lemma: gloss" -> one of 26 classes, scored by the argmax over the classes' first answer
   tokens (as the chat template writes an answer: no leading space) at the last position. `hypernym`: "lemma:
@@ -87,8 +87,8 @@ markdown and plot in `benchmarks/results/quality.*`; the lever sweep that chose 
   256 on a GPU; all fit the 8,192-token context; `benchmarks/quality/defaults.py` says why CPU stops there). Hard prompts run through `decode.hard_prompt`: their keys/values are computed once, like a soft prompt's.
 - One budget for every trained method: the same steps, batch, seeded length-grouped batch order, loss on the
   answer only (the class's first token; or the answer's tokens and EOS), gradient clipping 1.0, bf16 autocast on
-  CPU (float32 weights, prompt and logits). `ours_default` is the one configuration fixed in advance by the
-  sweep; `ours_system` is the same in the system turn (`slots=[P]`, slot text as the system message);
+  CPU (float32 weights, prompt and logits). `ours_default` is the one configuration fixed before the run
+  (the partial sweep confirmed its lr); `ours_system` is the same in the system turn (`slots=[P]`, slot text as the system message);
   `pez_hard_prompt` is the same trained inside `decode.projected_prompt` (PEZ) and scored as the tokens it
   projects to; `decoded_nearest` is `ours_default`'s cosine-nearest tokens. PEFT PromptTuning "defaults": random
   N(0,1) init, lr 1e-4; "tuned": our default's init text and recipe. LoRA: r 8, alpha 16, q_proj and v_proj, its
