@@ -48,7 +48,7 @@ class Recipe:
 
     def __post_init__(self) -> None:
         if self.optimizer not in OPTIMIZERS or self.schedule not in SCHEDULES:
-            raise ValueError(f"optimizer in {OPTIMIZERS}, schedule in {SCHEDULES}; got {self}")
+            raise ValueError(f"optimizer in {list(OPTIMIZERS)}, schedule in {list(SCHEDULES)}; got {self}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

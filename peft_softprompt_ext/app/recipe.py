@@ -42,8 +42,23 @@ logger = logging.getLogger(__name__)
 
 BUILTIN_TASK = "supersense"
 PLACEMENTS = ("prepend", "system")  # where the soft prompt goes: before everything, or a slot in the system turn
-OPTIMIZERS = ("adamw", "adafactor")
-SCHEDULES = ("linear", "constant", "cosine")  # after the warm-up: decay to 0 linearly / keep / half cosine to 0
+# name -> (label, constructor(params, lr, weight_decay)); Adafactor as Lester et al. ran it (no parameter scaling,
+# no relative step)
+OPTIMIZERS: dict[str, tuple[str, Any]] = {
+    "adamw": ("AdamW", lambda params, lr, wd: torch.optim.AdamW(params, lr=lr, weight_decay=wd)),
+    "adafactor": (
+        "Adafactor",
+        lambda params, lr, wd: Adafactor(
+            params, lr=lr, scale_parameter=False, relative_step=False, warmup_init=False, weight_decay=wd
+        ),
+    ),
+}
+# name -> (what it does, lr factor after the warm-up as a function of the share of those steps done)
+SCHEDULES: dict[str, tuple[str, Any]] = {
+    "linear": ("linear decay to 0", lambda done: max(0.0, 1.0 - done)),
+    "constant": ("constant", lambda done: 1.0),
+    "cosine": ("cosine decay to 0", lambda done: 0.5 * (1 + math.cos(math.pi * done))),
+}
 WARMUP = 0.1  # share of the steps with a linear lr ramp
 DATA_FEW_SHOT = 4  # solved examples in the few-shot baseline of --data (the built-in task: one per class)
 BUILTIN_INIT_TEXT = "Classify the noun into its WordNet category, such as animal, artifact or person:"
@@ -386,33 +401,22 @@ def make_optimizer(
     warmup: float = WARMUP,
     weight_decay: float = 0.0,
 ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
-    """The optimizer and lr schedule of a soft prompt: AdamW, or Adafactor as Lester et al. ran it (no parameter
-    scaling, no relative step); a linear warm-up over `warmup` of the steps, then `schedule` (SCHEDULES). Weight
-    decay defaults to 0: decaying a prompt pulls it off the embedding manifold."""
-    if optimizer == "adafactor":
-        opt: torch.optim.Optimizer = Adafactor(
-            params, lr=lr, scale_parameter=False, relative_step=False, warmup_init=False, weight_decay=weight_decay
-        )
-    else:
-        opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    """The optimizer and lr schedule of a soft prompt (OPTIMIZERS, SCHEDULES): a linear warm-up over `warmup` of the
+    steps, then `schedule`. Weight decay defaults to 0: decaying a prompt pulls it off the embedding manifold."""
+    opt: torch.optim.Optimizer = OPTIMIZERS[optimizer][1](params, lr, weight_decay)
+    after = SCHEDULES[schedule][1]
     ramp = max(1, round(steps * warmup)) if warmup > 0 else 0
 
     def factor(step: int) -> float:
         if step < ramp:
             return (step + 1) / ramp
-        done = (step - ramp) / max(1, steps - ramp)
-        if schedule == "constant":
-            return 1.0
-        if schedule == "cosine":
-            return 0.5 * (1 + math.cos(math.pi * done))
-        return max(0.0, 1.0 - done)
+        return after((step - ramp) / max(1, steps - ramp))
 
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
 
 def optimizer_text(settings: TrainSettings) -> str:
-    name = "Adafactor" if settings.optimizer == "adafactor" else "AdamW"
-    after = {"linear": "linear decay to 0", "constant": "constant", "cosine": "cosine decay to 0"}[settings.schedule]
+    name, after = OPTIMIZERS[settings.optimizer][0], SCHEDULES[settings.schedule][0]
     return f"{name}, lr {settings.lr}, linear warm-up over the first {WARMUP:.0%} of steps then {after}, grad-norm clip 1.0"
 
 
