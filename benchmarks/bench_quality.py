@@ -35,21 +35,15 @@ import argparse  # noqa: E402
 import logging  # noqa: E402
 import os  # noqa: E402
 import time  # noqa: E402
-from dataclasses import asdict, dataclass, field, replace  # noqa: E402
+from dataclasses import asdict  # noqa: E402
 from typing import Any  # noqa: E402
 
-from benchmarks.common import cli, models, readme, report  # noqa: E402
+from benchmarks.common import cli, models, readme, report, workers  # noqa: E402
 from benchmarks.quality import methods as M  # noqa: E402
 from benchmarks.quality import summary as S  # noqa: E402
-from benchmarks.quality.defaults import (  # noqa: E402
-    FEW_SHOT_CANDIDATES,
-    FEW_SHOT_CPU_MAX_K,
-    FEW_SHOT_K,
-    LORA_RECIPE,
-    OURS_DEFAULT,
-    PEFT_DEFAULTS_RECIPE,
-)
-from benchmarks.quality.tasks import RANK, TASKS, Formatter, load_task  # noqa: E402
+from benchmarks.quality.cells import Settings, run_cell  # noqa: E402
+from benchmarks.quality.defaults import FEW_SHOT_CANDIDATES, FEW_SHOT_CPU_MAX_K, FEW_SHOT_K, OURS_DEFAULT  # noqa: E402
+from benchmarks.quality.tasks import RANK, TASKS  # noqa: E402
 
 logger = logging.getLogger("bench_quality")
 
@@ -96,96 +90,11 @@ markdown and plot in `benchmarks/results/quality.*`; the lever sweep, partial so
 - Spread: mean ± sample sd over the seeds. Times are on a shared CPU and move with other users' load."""
 
 
-@dataclass
-class Settings:
-    """Everything that defines a run; stored in the JSON so every number traces back to its settings."""
-
-    tasks: list[str]
-    seeds: list[int]
-    methods: list[str]
-    model: str | None
-    device: str
-    amp: str | None
-    steps: int
-    batch_size: int
-    eval_batch_size: int
-    n_train: int
-    n_dev: int
-    n_test: int
-    max_text_tokens: int
-    few_shot_k: dict[str, int | None]
-    few_shot_candidates: dict[str, list[int]]
-    data_path: str
-    quick: bool = False
-    ours: dict[str, Any] = field(default_factory=dict)
-
-
 PRESETS = {  # steps, batch, eval batch, n_train, n_dev, n_test
     "quick": (3, 2, 16, 32, 8, 16),
     "cpu": (50, 8, 32, 2000, 300, 1000),
     "cuda": (400, 32, 128, 8000, 500, 2000),
 }
-
-
-# --------------------------------------------------------------------------- methods
-
-
-def run_method(name: str, run: M.Run, s: Settings) -> M.MethodResult | None:
-    """One method on one task and seed; None where it does not apply (one example per class on a generative task)."""
-    ours = OURS_DEFAULT
-    runners = {
-        "zero_shot": lambda: M.zero_shot(run),
-        "few_shot_per_class": lambda: _per_class(run),
-        "few_shot_best": lambda: M.few_shot_best(
-            run, s.few_shot_candidates[run.task.spec.name], s.few_shot_k.get(run.task.spec.name)
-        ),
-        "ours_default": lambda: M.soft(run, "ours_default", ours, keep="decoded_nearest" in s.methods),
-        "decoded_nearest": lambda: M.decoded_nearest(run, "ours_default") if "ours_default" in run.kept else None,
-        "pez_hard_prompt": lambda: M.soft(run, "pez_hard_prompt", replace(ours, projected=True)),
-        "ours_system": lambda: M.soft(run, "ours_system", replace(ours, placement="system")),
-        "peft_pt_defaults": lambda: M.peft_prompt_tuning(run, "peft_pt_defaults", PEFT_DEFAULTS_RECIPE, "random", ours),
-        "peft_pt_tuned": lambda: M.peft_prompt_tuning(run, "peft_pt_tuned", ours.recipe, _peft_init(ours), ours),
-        "lora": lambda: M.lora(run, LORA_RECIPE),
-    }
-    return runners[name]()
-
-
-def _per_class(run: M.Run) -> M.MethodResult | None:
-    if run.kind != RANK:
-        return None
-    return M.few_shot(run, len(run.task.spec.labels), "few_shot_per_class")
-
-
-def _peft_init(spec: M.SoftSpec) -> str:
-    """PEFT's closest init to ours: text (same text), sample_vocab, or random."""
-    return {"text": "text", "vocab": "sample_vocab"}.get(spec.init, "random")
-
-
-def run_cell(s: Settings, task_name: str, seed: int, tokenizer: Any, path: str) -> list[M.MethodResult]:
-    formatter = Formatter(tokenizer, s.max_text_tokens)
-    sizes = {"n_train": s.n_train, "n_dev": s.n_dev, "n_test": s.n_test}
-    task = load_task(task_name, seed, sizes, formatter, s.data_path)
-    budget = M.Budget(s.steps, s.batch_size, s.eval_batch_size)
-    max_positions = getattr(models_config(path), "max_position_embeddings", 2048)
-    run = M.Run(task, tokenizer, formatter, path, s.device, budget, max_positions, amp=s.amp)
-    results = []
-    for name in s.methods:
-        start, cpu = time.perf_counter(), time.process_time()
-        result = run_method(name, run, s)
-        if result is not None:
-            result.cpu_seconds = time.process_time() - cpu
-            results.append(result)
-            logger.info(
-                "%s seed %d %s: %.4f (%.0f s)", task_name, seed, name, result.score, time.perf_counter() - start
-            )
-    run.kept.clear()
-    return results
-
-
-def models_config(path: str) -> Any:
-    from transformers import AutoConfig
-
-    return AutoConfig.from_pretrained(path)
 
 
 # --------------------------------------------------------------------------- settings
@@ -217,6 +126,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--data-path", default=None, help="WordNet data.noun (default /usr/share/wordnet/data.noun)")
     p.add_argument("--progress", action="store_true", help="progress bars")
+    p.add_argument(
+        "--jobs",
+        type=int,
+        default=None,
+        help="worker processes over the (task, seed) cells (default on CPU: one 1-thread worker per thread)",
+    )
     return p.parse_args(argv)
 
 
@@ -326,20 +241,24 @@ def main(argv: list[str] | None = None) -> int:
     if not os.path.isfile(s.data_path):
         print(f"WordNet noun data not found at {s.data_path}; install it with: apt-get install wordnet-base")
         return 2
-    machine.set_threads(args.threads)
+    threads = machine.set_threads(args.threads)
     if args.sweep:
         from benchmarks.quality import sweep
 
-        return sweep.main(args, s)
+        return sweep.main(args, s, threads)
     path = models.model_path(s.model)
-    tokenizer = models.load_tokenizer(path)
     command = cli.command_line(SCRIPT, argv)
+    cells = [(task_name, seed) for task_name in s.tasks for seed in s.seeds]
+    s.jobs = args.jobs or workers.default_jobs(s.device, len(cells), threads)
+    s.threads_per_job = max(1, threads // s.jobs)
+    longest_first = sorted(cells, key=lambda cell: TASKS[cell[0]].kind == RANK)  # generation costs more
     start = time.perf_counter()
-    results: list[M.MethodResult] = []
     with machine.LoadMonitor() as load:
-        for task_name in s.tasks:
-            for seed in s.seeds:
-                results += run_cell(s, task_name, seed, tokenizer, path)
+        done = workers.map_jobs(
+            run_cell, [(s, *cell, path) for cell in longest_first], s.jobs, s.threads_per_job, cli.quiet_libraries
+        )
+    by_cell = dict(zip(longest_first, done, strict=True))
+    results = [r for cell in cells for r in by_cell[cell]]
     seconds = time.perf_counter() - start
     info = {**machine.machine_info(s.device), "model_name": s.model or "SmolLM2-135M-Instruct (bundled, float32)"}
     summary = S.summarize(results, task_meta(s, results))

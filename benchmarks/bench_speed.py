@@ -67,6 +67,7 @@ __all__ = ["DEFAULT_METHODS", "main", "parse_args"]
 
 def parse_args(argv: Sequence[str] | None = None) -> tuple[Settings, argparse.Namespace]:
     d = Settings()
+    argv_list = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     cli.add_common_arguments(parser, name="speed (speed_quick with --quick)", threads=d.threads)
     parser.add_argument("--prompt-lengths", type=int, nargs="+", default=d.prompt_lengths, metavar="P")
@@ -94,15 +95,19 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[Settings, argparse.Na
     parser.add_argument("--lr", type=float, default=d.lr)
     parser.add_argument("--no-memory", dest="memory", action="store_false", help="skip peak-memory measurement")
     parser.add_argument(
-        "--quick", action="store_true", help="P=20, B=8, L=64, every section, 5 rounds, 8 new tokens, system row B=1"
+        "--quick",
+        action="store_true",
+        help="P=20, B=8, L=64, every section, no peft_pt, 5-15 rounds (25 s a group), 8 new tokens, system row B=1",
     )
     parser.add_argument("--profile", default=None, metavar="KIND:METHODS:P:B:L", help="profile instead of bench")
     parser.add_argument("--compare", nargs=2, default=None, metavar="JSON", help="agreement of two runs' headlines")
-    args = parser.parse_args(argv)
-    if args.quick:
+    args = parser.parse_args(argv_list)
+    if args.quick:  # the headline ratios only (PEFT's prompt tuning is in none); cheap groups get more rounds
         args.prompt_lengths, args.batch_sizes, args.seq_lengths = [20], [8], [64]
-        args.rounds, args.min_rounds, args.max_group_seconds = 5, 5, 0
+        args.rounds, args.min_rounds, args.max_group_seconds = 15, 5, 25
         args.new_tokens, args.system_batch_sizes = 8, [1]
+        if "--methods" not in argv_list:
+            args.methods = [m for m in args.methods if m != "peft_pt"]
     args.name = args.name or ("speed_quick" if args.quick else "speed")
     args.max_group_seconds = args.max_group_seconds or None
     values = {k: v for k, v in vars(args).items() if k in Settings.__dataclass_fields__}

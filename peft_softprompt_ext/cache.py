@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
+import torch.utils.checkpoint
 from torch import nn
 from transformers.cache_utils import DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
 from transformers.modeling_layers import GradientCheckpointingLayer
@@ -134,14 +135,33 @@ def cache_kept_under_checkpointing(model: nn.Module) -> Iterator[None]:
 # --------------------------------------------------------------------------- the prompt's cache
 
 
-def prompt_cache(model: nn.Module, prompt: torch.Tensor) -> Any:
-    """KV cache of one prompt [P, d], batch 1 (expand it with `for_batch`)."""
+def prompt_cache(model: nn.Module, prompt: torch.Tensor, checkpointed: bool = False) -> Any:
+    """KV cache of one prompt [P, d], batch 1 (expand it with `for_batch`). `checkpointed` (a plain cache, under
+    gradient checkpointing): the pass keeps only its keys/values and recomputes its activations in the backward,
+    so the prompt costs the memory of its cache and not of P positions' activations in every layer."""
     backbone = backbone_of(model)
     positions = torch.arange(prompt.shape[0], device=prompt.device).unsqueeze(0)
     kwargs = {"position_ids": positions} if accepts(backbone, "position_ids") else {}
-    with checkpointing_suspended(backbone):
-        outputs = backbone(inputs_embeds=prompt.unsqueeze(0), use_cache=True, return_dict=True, **kwargs)
-    return output_cache(outputs)
+
+    def run(embeds: torch.Tensor) -> Any:
+        with checkpointing_suspended(backbone):
+            outputs = backbone(inputs_embeds=embeds.unsqueeze(0), use_cache=True, return_dict=True, **kwargs)
+        return output_cache(outputs)
+
+    if not checkpointed:
+        return run(prompt)
+    built: list[Any] = []
+
+    def states(embeds: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        cache = run(embeds)
+        built.append(cache)  # the backward's recompute appends a second one, which nothing reads
+        return tuple(t for layer in _layers(cache) for t in (layer.keys, layer.values))
+
+    tensors = torch.utils.checkpoint.checkpoint(states, prompt, use_reentrant=False)
+    cache = built[0]
+    for layer, keys, values in zip(_layers(cache), tensors[::2], tensors[1::2], strict=True):
+        layer.keys, layer.values = keys, values
+    return cache
 
 
 def plain_layers(cache: Any) -> list[Any] | None:

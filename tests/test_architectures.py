@@ -42,10 +42,21 @@ from peft_softprompt_ext import SoftPromptConfig, UnsupportedModelError
 P = 4
 NEW = 4
 CONFIGS = {"kv": True, "cat": False}  # shared_prompt_kv
-PROPERTIES = ("aligned", "reference", "pad_left", "pad_right", "generate", "gen_batch", "grad", "reload", "slots")
+PROPERTIES = (
+    "aligned",
+    "reference",
+    "pad_left",
+    "pad_right",
+    "generate",
+    "gen_batch",
+    "grad",
+    "grad_ckpt",
+    "reload",
+    "slots",
+)
 APPLIES = {
     "CAUSAL_LM": PROPERTIES,
-    "SEQ_2_SEQ_LM": PROPERTIES[:-1],
+    "SEQ_2_SEQ_LM": tuple(p for p in PROPERTIES if p not in ("grad_ckpt", "slots")),
     "SEQ_CLS": ("aligned", "reference", "pad_left", "pad_right", "grad", "reload"),
     "TOKEN_CLS": ("aligned", "reference", "pad_left", "pad_right", "grad", "reload"),
     "FEATURE_EXTRACTION": ("aligned", "reference", "pad_left", "pad_right", "grad", "reload"),
@@ -550,6 +561,28 @@ def compare_gradients(rec: Record, grads: dict[str, dict]) -> None:
     rec.check("grad", "kv=cat", same)
 
 
+def checkpointed_gradients(rec: Record, base, task: str, reference: dict) -> None:
+    """Under transformers' default gradient checkpointing (non-reentrant), the shared-KV config's gradients equal
+    concatenation's without checkpointing (`reference`): the shared prompt KV must survive the checkpointed layers."""
+    if not reference:
+        rec.outcomes["grad_ckpt"] = {"kv": "n/a: no concatenation gradients to compare with (see grad)"}
+        return
+    if not base.supports_gradient_checkpointing:
+        rec.outcomes["grad_ckpt"] = {"kv": "n/a: the architecture doesn't support gradient checkpointing"}
+        return
+
+    def same():
+        model = wrap(base, task, True)
+        model.get_base_model().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        grads = gradients(model, task, base)
+        if grads.keys() != reference.keys():
+            raise PropertyFailed(f"different trainable parameters: {sorted(grads.keys() ^ reference.keys())[:3]}")
+        worst = max(grads, key=lambda n: _max_diff(grads[n], reference[n]))
+        close(grads[worst], reference[worst], atol=1e-6, rtol=1e-4, what="checkpointed prefix KV vs concat ")
+
+    rec.check("grad_ckpt", "kv", same)
+
+
 # --------------------------------------------------------------------------------------------------- the sweep
 
 
@@ -577,6 +610,9 @@ def run_case(case: arch_zoo.Case, tmp_path: Path) -> None:
         grads[cfg] = check_config(rec, base, case.task, cfg, tmp_path, eos_terminated)
     if "grad" in APPLIES[case.task]:
         compare_gradients(rec, grads)
+    if "grad_ckpt" in APPLIES[case.task] and not rec.unsupported:
+        torch.manual_seed(0)
+        checkpointed_gradients(rec, base, case.task, grads.get("cat"))
     row.update(outcomes=rec.outcomes, paths=rec.paths, seconds=round(time.perf_counter() - started, 2))
     if rec.unsupported:  # the package refused the model with its reason: every property is n/a, by design
         row["unsupported"] = rec.unsupported
@@ -634,7 +670,8 @@ def _cell(row: dict, prop: str) -> str:
         return "?"
     if not bad:
         return "n/a" if any(v.startswith("n/a") for v in by_cfg.values()) else "ok"
-    return "FAIL" if (prop == "grad" and "kv=cat" in bad) or len(bad) == 2 else f"FAIL({','.join(bad)})"
+    whole = (prop == "grad" and "kv=cat" in bad) or prop == "grad_ckpt" or len(bad) == 2
+    return "FAIL" if whole else f"FAIL({','.join(bad)})"
 
 
 def write_table() -> str:
@@ -684,7 +721,8 @@ def write_table() -> str:
         f"error; {len(skipped)} unbuildable; "
         f"module wall time {total:.0f}s. Cells: ok / FAIL (both configs) / FAIL(kv|cat) (one config) / n/a (the "
         "base model alone isn't padding invariant either, even with pad-skipping position ids); grad FAIL = prefix-KV "
-        "and concat gradients differ. path: the model's `execution_path` if it has one.",
+        "and concat gradients differ; grad_ckpt FAIL = with non-reentrant gradient checkpointing on, the prefix-KV "
+        "config's gradients differ from concat's without it (n/a: the architecture has no gradient checkpointing). path: the model's `execution_path` if it has one.",
         "",
         build_line,
         "",

@@ -129,7 +129,10 @@ def test_compare_two_runs(bench, smoke, capsys):
 def test_quick_grid_and_readme_rules(bench):
     settings, _ = bench.parse_args(["--quick"])
     assert (settings.prompt_lengths, settings.batch_sizes, settings.seq_lengths) == ([20], [8], [64])
-    assert settings.name == "speed_quick" and settings.rounds == settings.min_rounds and settings.quick
+    assert settings.name == "speed_quick" and settings.quick
+    assert (settings.min_rounds, settings.rounds, settings.max_group_seconds) == (5, 15, 25)
+    assert "peft_pt" not in settings.methods and {"lora", "ours_shared", "ours_concat", "bare"} <= set(settings.methods)
+    assert "peft_pt" in bench.parse_args(["--quick", "--methods", "lora", "peft_pt"])[0].methods
     assert settings.threads == 1 and settings.checkpointing and settings.system_tokens == 200
     assert settings.system_batch_sizes == [1] and settings.new_tokens == 8
 

@@ -15,7 +15,8 @@ DECODERS = list(tiny.CAUSAL_LM)
 
 
 def make(arch: str, shared_prompt_kv: bool = True, **kw):
-    config = SoftPromptConfig(task_type="CAUSAL_LM", num_virtual_tokens=P, shared_prompt_kv=shared_prompt_kv, **kw)
+    kw = {"num_virtual_tokens": P, **kw}
+    config = SoftPromptConfig(task_type="CAUSAL_LM", shared_prompt_kv=shared_prompt_kv, **kw)
     return get_peft_model(tiny.causal_lm(arch), config).eval()
 
 
@@ -117,8 +118,42 @@ def test_gradient_checkpointing_gives_same_prompt_gradients(arch, reentrant):
     assert model.execution_path is expected
     calls = _attention_calls(model)
     torch.testing.assert_close(_prompt_grad(model, ids), plain, rtol=1e-5, atol=1e-7)
-    # checkpointing really ran: forward + recompute (+ the prompt's own batch-1 forward on the shared path)
-    assert calls[0] == (2 if reentrant else 3)
+    # checkpointing really ran: forward + recompute, and on the shared path the prompt's own batch-1 pass, which is
+    # checkpointed too (its forward + its recompute)
+    assert calls[0] == (2 if reentrant else 4)
+
+
+def _bytes_saved_for_backward(model, ids) -> int:
+    """Bytes autograd keeps from the forward outside checkpointed regions (their own saved tensors are dropped)."""
+    total = [0]
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        total[0] += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    return total[0]
+
+
+def test_checkpointed_prompt_pass_keeps_no_activations():
+    """Under gradient checkpointing the prompt's batch-1 pass keeps only its keys/values: what the forward holds
+    for the backward does not grow with the prompt's activations (P positions x every layer), as it does without
+    checkpointing."""
+    ids = tiny.random_ids(3, 6)
+
+    def saved(length: int, checkpointing: bool) -> int:
+        model = make("llama", num_virtual_tokens=length)
+        if checkpointing:
+            model.get_base_model().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.train()
+        assert model.execution_path is ExecutionPath.PREFIX_KV
+        return _bytes_saved_for_backward(model, ids)
+
+    per_token_plain = (saved(64, False) - saved(4, False)) / 60
+    per_token_checkpointed = (saved(64, True) - saved(4, True)) / 60
+    assert per_token_checkpointed < per_token_plain / 20
 
 
 def test_one_row_in_training_takes_concatenation():

@@ -24,7 +24,8 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
-from ..common import cli, models, readme, report
+from ..common import cli, models, readme, report, workers
+from . import cells
 from . import methods as M
 from .defaults import FEW_SHOT_CANDIDATES, LORA_RECIPE, OURS_DEFAULT
 from .engine import Recipe
@@ -32,6 +33,10 @@ from .tasks import Formatter, load_task
 
 logger = logging.getLogger("bench_quality")
 SECTION = "## bench_quality: lever sweep"
+# PEZ moves the continuous prompt and projects it on the nearest token every step: SmolLM2's embedding coordinates
+# have sd 0.14, so AdamW at our soft prompt's lr 0.1 jumps to unrelated tokens each step (the default run's PEZ loss
+# rose from 11 to 11 while ours fell to 2.4); the lever reaches down to steps of 1 % of that scale.
+PEZ_LRS = (0.001, 0.003, 0.01, 0.03, 0.1)
 
 
 def _recipe(**changes: Any) -> Recipe:
@@ -65,7 +70,7 @@ def soft_rows() -> dict[str, list[tuple[str, M.SoftSpec]]]:
             ("schedule=linear warmup=0", replace(d, recipe=_recipe(schedule="linear", warmup=0.0))),
         ],
         "reparam": [("residual (bottleneck 128)", replace(d, reparameterization="residual"))],
-        "pez_lr": [(f"PEZ lr={lr:g}", replace(d, projected=True, recipe=_recipe(lr=lr))) for lr in (0.03, 0.1, 0.3)],
+        "pez_lr": [(f"PEZ lr={lr:g}", replace(d, projected=True, recipe=_recipe(lr=lr))) for lr in PEZ_LRS],
     }
 
 
@@ -79,15 +84,9 @@ def dev_run(s: Any, task_name: str, seed: int, tokenizer: Any, path: str, amp: s
     sizes = {"n_train": s.n_train, "n_dev": s.n_dev, "n_test": s.n_test}
     task = load_task(task_name, seed, sizes, formatter, s.data_path)
     task = replace(task, test=task.dev, dev=[])
-    max_positions = getattr(models_config(path), "max_position_embeddings", 2048)
+    max_positions = getattr(cells.models_config(path), "max_position_embeddings", 2048)
     budget = M.Budget(s.steps, s.batch_size, s.eval_batch_size)
     return M.Run(task, tokenizer, formatter, path, s.device, budget, max_positions, amp=amp)
-
-
-def models_config(path: str) -> Any:
-    from transformers import AutoConfig
-
-    return AutoConfig.from_pretrained(path)
 
 
 def lever_rows(lever: str, run: M.Run) -> list[tuple[str, dict[str, Any], Any]]:
@@ -164,8 +163,8 @@ def row_record(lever: str, name: str, key: str, result: M.MethodResult, seconds:
 
 
 class SweepFile:
-    """The sweep's JSON: rows keyed by (task, seed, lever, row), written after every row (an interrupted sweep
-    keeps what it finished); a row whose exact configuration is on file for its task and seed is copied."""
+    """The sweep's JSON: rows keyed by (task, seed, lever, row), written after every (task, seed) cell (an
+    interrupted sweep keeps the cells it finished)."""
 
     def __init__(self, path: Path, meta: dict[str, Any]) -> None:
         self.path = path
@@ -175,9 +174,6 @@ class SweepFile:
     @staticmethod
     def _id(r: dict[str, Any]) -> tuple:
         return (r["task"], r["seed"], r["lever"], r["row"])
-
-    def done(self, task: str, seed: int, key: str) -> dict[str, Any] | None:
-        return next((r for r in self.data["rows"] if (r["task"], r["seed"], r.get("key")) == (task, seed, key)), None)
 
     def add(self, record: dict[str, Any]) -> None:
         self.data["rows"] = [r for r in self.data["rows"] if self._id(r) != self._id(record)] + [record]
@@ -202,21 +198,22 @@ def table(data: dict[str, Any]) -> str:
     return report.md_table(["task", "lever", "row", "dev score %", "per seed", "trainable"], lines, align="lllrrr")
 
 
-def main(args: Any, s: Any) -> int:
+def main(args: Any, s: Any, threads: int) -> int:
     levers = [x for x in (args.sweep_levers or ",".join(LEVERS)).split(",") if x]
     unknown = set(levers) - set(LEVERS)
     if unknown:
         raise SystemExit(f"unknown levers {sorted(unknown)}; levers: {', '.join(LEVERS)}")
     path = models.model_path(s.model)
-    tokenizer = models.load_tokenizer(path)
     out = Path(args.out_dir) / f"{args.name or ('quality_sweep_quick' if s.quick else 'quality_sweep')}.json"
     meta = {"command": cli.command_line("benchmarks/bench_quality.py", None), "settings": asdict(s), "levers": levers}
     sweep_file = SweepFile(out, meta)
-    for task_name in s.tasks:
-        for seed in s.seeds if args.seeds else [0]:
-            run = dev_run(s, task_name, seed, tokenizer, path, s.amp)
-            for lever in levers:
-                run_lever(sweep_file, lever, run, args.rerun)
+    cells = [(task_name, seed) for task_name in s.tasks for seed in (s.seeds if args.seeds else [0])]
+    jobs = args.jobs or workers.default_jobs(s.device, len(cells), threads)
+    known = [] if args.rerun else sweep_file.data["rows"]
+    work = [(s, task_name, seed, path, levers, known) for task_name, seed in cells]
+    for records in workers.map_jobs(sweep_cell, work, jobs, max(1, threads // jobs), cli.quiet_libraries):
+        for record in records:
+            sweep_file.add(record)
     text = table(sweep_file.data)
     report.write_text(out.with_suffix(".md"), text + "\n")
     print(text)
@@ -225,18 +222,25 @@ def main(args: Any, s: Any) -> int:
     return 0
 
 
-def run_lever(sweep_file: SweepFile, lever: str, run: M.Run, rerun: bool) -> None:
-    task, seed = run.task.spec.name, run.task.seed
-    for name, config, thunk in lever_rows(lever, run):
-        key = json.dumps({"amp": run.amp, **config}, sort_keys=True)
-        known = None if rerun else sweep_file.done(task, seed, key)
-        if known is not None:
-            sweep_file.add({**known, "lever": lever, "row": name, "reused_from": f"{known['lever']} / {known['row']}"})
-            continue
-        t0 = time.perf_counter()
-        result = thunk()
-        sweep_file.add(row_record(lever, name, key, result, time.perf_counter() - t0))
-        logger.info("sweep %s seed %d %s / %s: dev %.4f", task, seed, lever, name, result.score)
+def sweep_cell(s: Any, task_name: str, seed: int, path: str, levers: list[str], known: list[dict]) -> list[dict]:
+    """Every lever's rows on one task and seed (a worker's unit); a row whose exact configuration is in `known`
+    for this task and seed is copied, not rerun."""
+    run = dev_run(s, task_name, seed, models.load_tokenizer(path), path, s.amp)
+    records: list[dict[str, Any]] = []
+    for lever in levers:
+        for name, config, thunk in lever_rows(lever, run):
+            key = json.dumps({"amp": run.amp, **config}, sort_keys=True)
+            same = [r for r in known + records if (r["task"], r["seed"], r.get("key")) == (task_name, seed, key)]
+            if same:
+                records.append(
+                    {**same[0], "lever": lever, "row": name, "reused_from": f"{same[0]['lever']} / {same[0]['row']}"}
+                )
+                continue
+            t0 = time.perf_counter()
+            result = thunk()
+            records.append(row_record(lever, name, key, result, time.perf_counter() - t0))
+            logger.info("sweep %s seed %d %s / %s: dev %.4f", task_name, seed, lever, name, result.score)
+    return records
 
 
 SWEEP_NOTES = """Rows differ from `ours_default` (see `benchmarks/quality/defaults.py`) in the named setting only; scores are

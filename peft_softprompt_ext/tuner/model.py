@@ -273,7 +273,9 @@ class SoftPromptModel(PeftModel):
         """The prompt's batch-1 KV cache: compiled once for inference, recomputed (with grad) for training."""
 
         def build() -> Any:
-            return kv.prompt_cache(self.base_model, self.prompt_embeddings(name).to(self._model_dtype))
+            checkpointed = self._needs_grad(name) and kv.gradient_checkpointing_active(self.base_model)
+            embeds = self.prompt_embeddings(name).to(self._model_dtype)
+            return kv.prompt_cache(self.base_model, embeds, checkpointed=checkpointed)
 
         if self._needs_grad(name) or self.base_model.training:
             return build()
