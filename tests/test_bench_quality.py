@@ -148,12 +148,15 @@ def test_same_command_same_scores(bench, tiny_model_dir, wordnet_file, tmp_path)
 
 
 def test_sweep_rows_merge(bench, tiny_model_dir, wordnet_file, tmp_path):
-    argv = ["--sweep", "--sweep-levers", "lr,lora_lr", "--task", "supersense", "--threads", "1"]
-    assert bench.main(quick(tiny_model_dir, wordnet_file, tmp_path, *argv)) == 0
+    """Two workers (one per seed) add rows to one sweep file as they finish; a rerun replaces rows, never appends."""
+    argv = ["--sweep", "--sweep-levers", "lr,lora_lr", "--task", "supersense", "--seeds", "0,1", "--jobs", "2"]
+    assert bench.main(quick(tiny_model_dir, wordnet_file, tmp_path, *argv, "--threads", "2")) == 0
     first = json.loads((tmp_path / "quality_sweep_quick.json").read_text())
     assert {r["lever"] for r in first["rows"]} == {"lr", "lora_lr"}
-    assert all(r["task"] == "supersense" and r["seed"] == 0 and 0 <= r["dev_score"] <= 1 for r in first["rows"])
-    argv[2] = "lr"
+    assert all(r["task"] == "supersense" and 0 <= r["dev_score"] <= 1 for r in first["rows"])
+    per_seed = [sorted((r["lever"], r["row"]) for r in first["rows"] if r["seed"] == seed) for seed in (0, 1)]
+    assert per_seed[0] == per_seed[1] and len(per_seed[0]) == len(first["rows"]) // 2
+    argv = ["--sweep", "--sweep-levers", "lr", "--task", "supersense", "--threads", "1"]
     assert bench.main(quick(tiny_model_dir, wordnet_file, tmp_path, *argv)) == 0
     second = json.loads((tmp_path / "quality_sweep_quick.json").read_text())
     assert len(second["rows"]) == len(first["rows"]) and len(second["runs"]) == 2  # replaced, not appended

@@ -24,6 +24,8 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
+from filelock import FileLock
+
 from ..common import cli, models, readme, report, workers
 from . import cells
 from . import methods as M
@@ -75,7 +77,7 @@ def soft_rows() -> dict[str, list[tuple[str, M.SoftSpec]]]:
 
 
 LEVERS = (*soft_rows(), "amp", "lora_lr", "few_shot_k", "steps")
-STEP_FACTORS = (2, 4)  # the "steps" lever: ours_default and LoRA at this many times the budget's steps
+STEP_FACTORS = (1, 2, 4)  # the "steps" lever: ours_default and LoRA at this many times the budget's steps
 
 
 def dev_run(s: Any, task_name: str, seed: int, tokenizer: Any, path: str, amp: str | None) -> M.Run:
@@ -120,24 +122,22 @@ def lever_rows(lever: str, run: M.Run) -> list[tuple[str, dict[str, Any], Any]]:
 
 
 def steps_rows(run: M.Run) -> list[tuple[str, dict[str, Any], Any]]:
-    """ours_default and LoRA at more steps (what a bigger budget buys: the curve behind the goal)."""
+    """ours_default and LoRA at the budget's steps and at more (what a bigger budget buys: the curve behind the
+    goal). The 1x rows carry the plain configs' keys, so they reuse the lr / lora_lr rows where those ran."""
     rows = []
     for factor in STEP_FACTORS:
         longer = replace(run, budget=replace(run.budget, steps=factor * run.budget.steps), kept={})
         steps = longer.budget.steps
+        extra = {} if factor == 1 else {"steps": steps}
         rows.append(
             (
                 f"ours {steps} steps",
-                {"soft": OURS_DEFAULT.to_dict(), "steps": steps},
+                {"soft": OURS_DEFAULT.to_dict(), **extra},
                 lambda r=longer: M.soft(r, "ours", OURS_DEFAULT),
             )
         )
         rows.append(
-            (
-                f"LoRA {steps} steps",
-                {"lora": LORA_RECIPE.to_dict(), "steps": steps},
-                lambda r=longer: M.lora(r, LORA_RECIPE),
-            )
+            (f"LoRA {steps} steps", {"lora": LORA_RECIPE.to_dict(), **extra}, lambda r=longer: M.lora(r, LORA_RECIPE))
         )
     return rows
 
@@ -163,21 +163,36 @@ def row_record(lever: str, name: str, key: str, result: M.MethodResult, seconds:
 
 
 class SweepFile:
-    """The sweep's JSON: rows keyed by (task, seed, lever, row), written after every (task, seed) cell (an
-    interrupted sweep keeps the cells it finished)."""
+    """The sweep's JSON: rows keyed by (task, seed, lever, row). Every finished row is merged in at once, under a
+    lock beside the file (workers add rows concurrently), with an atomic write: an interrupted sweep keeps every
+    row it finished."""
 
-    def __init__(self, path: Path, meta: dict[str, Any]) -> None:
+    def __init__(self, path: Path) -> None:
         self.path = path
-        self.data = json.loads(path.read_text()) if path.exists() else {"rows": [], "runs": []}
-        self.data["runs"].append(meta)
+        self.lock = FileLock(str(path) + ".lock")
+
+    @property
+    def data(self) -> dict[str, Any]:
+        return json.loads(self.path.read_text()) if self.path.exists() else {"rows": [], "runs": []}
 
     @staticmethod
     def _id(r: dict[str, Any]) -> tuple:
         return (r["task"], r["seed"], r["lever"], r["row"])
 
+    def _update(self, change: Any) -> None:
+        with self.lock:
+            data = self.data
+            change(data)
+            report.write_json(self.path, data)
+
+    def add_run(self, meta: dict[str, Any]) -> None:
+        self._update(lambda data: data["runs"].append(meta))
+
     def add(self, record: dict[str, Any]) -> None:
-        self.data["rows"] = [r for r in self.data["rows"] if self._id(r) != self._id(record)] + [record]
-        report.write_json(self.path, self.data)
+        def merge(data: dict[str, Any]) -> None:
+            data["rows"] = [r for r in data["rows"] if self._id(r) != self._id(record)] + [record]
+
+        self._update(merge)
 
 
 def table(data: dict[str, Any]) -> str:
@@ -206,14 +221,13 @@ def main(args: Any, s: Any, threads: int) -> int:
     path = models.model_path(s.model)
     out = Path(args.out_dir) / f"{args.name or ('quality_sweep_quick' if s.quick else 'quality_sweep')}.json"
     meta = {"command": cli.command_line("benchmarks/bench_quality.py", None), "settings": asdict(s), "levers": levers}
-    sweep_file = SweepFile(out, meta)
+    sweep_file = SweepFile(out)
+    sweep_file.add_run(meta)
     cells = [(task_name, seed) for task_name in s.tasks for seed in (s.seeds if args.seeds else [0])]
     jobs = args.jobs or workers.default_jobs(s.device, len(cells), threads)
     known = [] if args.rerun else sweep_file.data["rows"]
-    work = [(s, task_name, seed, path, levers, known) for task_name, seed in cells]
-    for records in workers.map_jobs(sweep_cell, work, jobs, max(1, threads // jobs), cli.quiet_libraries):
-        for record in records:
-            sweep_file.add(record)
+    work = [(s, task_name, seed, path, levers, known, out) for task_name, seed in cells]
+    workers.map_jobs(sweep_cell, work, jobs, max(1, threads // jobs), cli.quiet_libraries)
     text = table(sweep_file.data)
     report.write_text(out.with_suffix(".md"), text + "\n")
     print(text)
@@ -222,25 +236,30 @@ def main(args: Any, s: Any, threads: int) -> int:
     return 0
 
 
-def sweep_cell(s: Any, task_name: str, seed: int, path: str, levers: list[str], known: list[dict]) -> list[dict]:
-    """Every lever's rows on one task and seed (a worker's unit); a row whose exact configuration is in `known`
-    for this task and seed is copied, not rerun."""
+def sweep_cell(s: Any, task_name: str, seed: int, path: str, levers: list[str], known: list[dict], out: Path) -> None:
+    """Every lever's rows on one task and seed (a worker's unit), each added to the sweep file `out` as it
+    finishes; a row whose exact configuration is in `known` (or done earlier here) for this task and seed is copied,
+    not rerun."""
     run = dev_run(s, task_name, seed, models.load_tokenizer(path), path, s.amp)
-    records: list[dict[str, Any]] = []
+    sweep_file, done = SweepFile(out), list(known)
     for lever in levers:
         for name, config, thunk in lever_rows(lever, run):
             key = json.dumps({"amp": run.amp, **config}, sort_keys=True)
-            same = [r for r in known + records if (r["task"], r["seed"], r.get("key")) == (task_name, seed, key)]
+            same = [r for r in done if (r["task"], r["seed"], r.get("key")) == (task_name, seed, key)]
             if same:
-                records.append(
-                    {**same[0], "lever": lever, "row": name, "reused_from": f"{same[0]['lever']} / {same[0]['row']}"}
-                )
-                continue
-            t0 = time.perf_counter()
-            result = thunk()
-            records.append(row_record(lever, name, key, result, time.perf_counter() - t0))
-            logger.info("sweep %s seed %d %s / %s: dev %.4f", task_name, seed, lever, name, result.score)
-    return records
+                record = {
+                    **same[0],
+                    "lever": lever,
+                    "row": name,
+                    "reused_from": f"{same[0]['lever']} / {same[0]['row']}",
+                }
+            else:
+                t0 = time.perf_counter()
+                result = thunk()
+                record = row_record(lever, name, key, result, time.perf_counter() - t0)
+                logger.info("sweep %s seed %d %s / %s: dev %.4f", task_name, seed, lever, name, result.score)
+            sweep_file.add(record)
+            done.append(record)
 
 
 SWEEP_NOTES = """Rows differ from `ours_default` (see `benchmarks/quality/defaults.py`) in the named setting only; scores are
