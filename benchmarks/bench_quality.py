@@ -218,7 +218,8 @@ def header_lines(s: Settings, info: dict[str, Any], load: dict[str, Any], second
     lines += report.provenance(
         model=info["model_name"],
         data="WordNet 3.0 nouns (Debian wordnet-base): supersense and hypernym tasks",
-        steps=f"{s.steps} x batch {s.batch_size} for every trained method; amp {s.amp or 'none'}",
+        steps=f"{s.steps} x batch {s.batch_size} for every trained method; amp {s.amp or 'none'}; "
+        f"{s.jobs} worker process(es) x {s.threads_per_job} torch thread(s)",
         seed=",".join(map(str, s.seeds)),
         machine=info,
         load=load,
