@@ -251,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
     command = cli.command_line(SCRIPT, argv)
     cells = [(task_name, seed) for task_name in s.tasks for seed in s.seeds]
     s.jobs = args.jobs or workers.default_jobs(s.device, len(cells), threads)
-    s.threads_per_job = max(1, threads // s.jobs)
+    s.threads_per_job = workers.threads_per_job(threads, s.jobs)
     longest_first = sorted(cells, key=lambda cell: TASKS[cell[0]].kind == RANK)  # generation costs more
     start = time.perf_counter()
     with machine.LoadMonitor() as load:

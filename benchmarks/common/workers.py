@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from typing import Any
 
-__all__ = ["default_jobs", "map_jobs"]
+__all__ = ["default_jobs", "map_jobs", "threads_per_job"]
 
 LOG_FORMAT = "%(asctime)s %(name)s: %(message)s"
 
@@ -28,6 +28,11 @@ def default_jobs(device: str, cells: int, threads: int) -> int:
     if device.startswith("cuda"):
         return 1
     return max(1, min(threads, cells))
+
+
+def threads_per_job(threads: int, jobs: int) -> int:
+    """The torch threads each of `jobs` workers gets out of `threads`."""
+    return max(1, threads // jobs)
 
 
 def _start_worker(threads: int, quiet: Callable[[], None] | None) -> None:

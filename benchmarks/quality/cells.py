@@ -75,13 +75,7 @@ def _peft_init(spec: M.SoftSpec) -> str:
 
 def run_cell(s: Settings, task_name: str, seed: int, path: str) -> list[M.MethodResult]:
     """Every method of one task at one seed (a worker's unit of work: it loads its own tokenizer)."""
-    tokenizer = models.load_tokenizer(path)
-    formatter = Formatter(tokenizer, s.max_text_tokens)
-    sizes = {"n_train": s.n_train, "n_dev": s.n_dev, "n_test": s.n_test}
-    task = load_task(task_name, seed, sizes, formatter, s.data_path)
-    budget = M.Budget(s.steps, s.batch_size, s.eval_batch_size)
-    max_positions = getattr(models_config(path), "max_position_embeddings", 2048)
-    run = M.Run(task, tokenizer, formatter, path, s.device, budget, max_positions, amp=s.amp)
+    run = build_run(s, task_name, seed, models.load_tokenizer(path), path)
     results = []
     for name in s.methods:
         start, cpu = time.perf_counter(), time.process_time()
@@ -94,6 +88,16 @@ def run_cell(s: Settings, task_name: str, seed: int, path: str) -> list[M.Method
             )
     run.kept.clear()
     return results
+
+
+def build_run(s: Settings, task_name: str, seed: int, tokenizer: Any, path: str) -> M.Run:
+    """The `Run` of one task at one seed under `s`: its seeded splits, the budget, the model's context length."""
+    formatter = Formatter(tokenizer, s.max_text_tokens)
+    sizes = {"n_train": s.n_train, "n_dev": s.n_dev, "n_test": s.n_test}
+    task = load_task(task_name, seed, sizes, formatter, s.data_path)
+    budget = M.Budget(s.steps, s.batch_size, s.eval_batch_size)
+    max_positions = getattr(models_config(path), "max_position_embeddings", 2048)
+    return M.Run(task, tokenizer, formatter, path, s.device, budget, max_positions, amp=s.amp)
 
 
 def models_config(path: str) -> Any:
