@@ -217,10 +217,10 @@ def main(args: Any, s: Any, threads: int) -> int:
     meta = {"command": cli.command_line("benchmarks/bench_quality.py", None), "settings": asdict(s), "levers": levers}
     sweep_file = SweepFile(out)
     sweep_file.add_run(meta)
-    cells = [(task_name, seed) for task_name in s.tasks for seed in (s.seeds if args.seeds else [0])]
-    jobs = args.jobs or workers.default_jobs(s.device, len(cells), threads)
+    pairs = [(task_name, seed) for task_name in s.tasks for seed in (s.seeds if args.seeds else [0])]
+    jobs = args.jobs or workers.default_jobs(s.device, len(pairs), threads)
     known = [] if args.rerun else sweep_file.data["rows"]
-    work = [(s, task_name, seed, path, levers, known, out) for task_name, seed in cells]
+    work = [(s, task_name, seed, path, levers, known, out) for task_name, seed in pairs]
     workers.map_jobs(sweep_cell, work, jobs, workers.threads_per_job(threads, jobs), cli.quiet_libraries)
     text = table(sweep_file.data)
     report.write_text(out.with_suffix(".md"), text + "\n")
