@@ -16,8 +16,6 @@ Methods (the prompt methods wrap the SAME frozen base weights; LoRA injects into
   ours_shared     SoftPromptConfig(shared_prompt_kv=True): prompt KV once per step in training, compiled per adapter
                   at inference
   ours_concat     SoftPromptConfig(shared_prompt_kv=False): our concatenation fallback
-  ours_proposed   ours_shared with the package changes the profiles propose (benchmarks/common/prototypes.py:
-                  prefix attention, fixed-prefix logits), switched on for its own runs only; not a default method
 
 Measured per (P, B, L): training step (zero_grad + forward + backward + AdamW step), without and with gradient
 checkpointing (transformers' default, non-reentrant), time and peak memory as ratios to LoRA (LoRA with

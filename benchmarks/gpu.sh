@@ -2,12 +2,12 @@
 # The GPU run, in one script that finishes in <= 8 minutes on one GPU (each step has its own time limit; the
 # limits plus their kill grace sum to 475 s):
 #
-#   1. bench_speed --device cuda --dtype bf16 on a reduced grid (P=20; B 1, 8; L 64, 256), with the proposed
-#      prefix-attention prototype (ours_proposed: lower-right causal through the flash kernel) beside ours_shared
+#   1. bench_speed --device cuda --dtype bf16 on a reduced grid (P=20; B 1, 8; L 64, 256): ours_shared (its prefix
+#      attention runs lower-right causal through the flash kernel) beside ours_concat, LoRA and the bare model
 #   2. bench_quality --quick --device cuda
 #   3. the DDP example: examples/train_causal_lm.py under accelerate launch --config_file examples/accelerate/ddp.yaml
 #      (one process per visible GPU; 30 steps)
-#   4. a profile (self device time per op) of a bf16 training step: LoRA, ours_shared, ours_proposed
+#   4. a profile (self device time per op) of a bf16 training step: LoRA, ours_shared, ours_concat
 #
 # Usage:  bash benchmarks/gpu.sh [RESULTS_DIR]        (default benchmarks/results/gpu)
 #         GPU_SH_DRY_RUN=1 bash benchmarks/gpu.sh /tmp/gpu_dry   # the same pieces on CPU with tiny budgets
@@ -55,7 +55,7 @@ EOF
     NPROC=1
     DDP=(torchrun --standalone --nproc_per_node 1) # accelerate's MULTI_GPU config needs GPUs
     EXAMPLE_ARGS=(--cpu --model tiny --max-steps 2 --batch-size 2 --n-train 16 --n-eval 8 --eval-steps 2 --decode-every 2)
-    PROFILE_ARGS=(--model "$TINY" --threads 1 --profile train:lora,ours_shared,ours_proposed:3:2:6)
+    PROFILE_ARGS=(--model "$TINY" --threads 1 --profile train:lora,ours_shared,ours_concat:3:2:6)
 else
     if ! "$PYTHON" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
         echo "no CUDA device visible to torch: nothing to run (GPU_SH_DRY_RUN=1 runs the CPU dry run)" | tee -a "$SUMMARY"
@@ -67,7 +67,7 @@ else
     NPROC=$("$PYTHON" -c "import torch; print(torch.cuda.device_count())")
     DDP=(accelerate launch --config_file examples/accelerate/ddp.yaml --num_processes "$NPROC")
     EXAMPLE_ARGS=(--model smollm2 --bf16 --max-steps 30 --eval-steps 15 --decode-every 15 --n-train 512 --n-eval 64)
-    PROFILE_ARGS=(--device cuda --dtype bf16 --profile train:lora,ours_shared,ours_proposed:20:8:256)
+    PROFILE_ARGS=(--device cuda --dtype bf16 --profile train:lora,ours_shared,ours_concat:20:8:256)
 fi
 
 {
@@ -86,7 +86,7 @@ cat "$RESULTS/environment.txt"
     "from peft_softprompt_ext.app.bundled import smollm2_path; print(smollm2_path())"
 
 step bench_speed 140 "$PYTHON" benchmarks/bench_speed.py "${SPEED_ARGS[@]}" \
-    --methods bare lora peft_pt ours_shared ours_concat ours_proposed --out-dir "$RESULTS" --name speed_gpu
+    --methods bare lora peft_pt ours_shared ours_concat --out-dir "$RESULTS" --name speed_gpu
 step bench_quality 115 "$PYTHON" benchmarks/bench_quality.py --quick "${QUALITY_ARGS[@]}" \
     --out-dir "$RESULTS" --name quality_gpu
 step ddp_example 100 "${DDP[@]}" examples/train_causal_lm.py --output-dir "$RESULTS/ddp" "${EXAMPLE_ARGS[@]}"

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import attention
 from . import cache as kv
 from .vocab import embed
 
@@ -40,8 +41,9 @@ class Capabilities:
     result (a sliding window, ALiBi or relative biases count columns), so they must never sit there.
     `leading_pads_ok`: pads go before everything (a causal model where they change nothing, so the last column is a
     real token, what heads and generation read; a bidirectional one whose head pools the last column), else after
-    the text. `causal`: the model
-    attends causally (the prompt's keys then don't depend on the input)."""
+    the text. `causal`: the model attends causally (the prompt's keys then don't depend on the input).
+    `prefix_attention`: the shared path may run `attention.py`'s implementation (it gave this model the same logits,
+    with and without pads)."""
 
     prefix_kv: bool
     reason: str
@@ -50,6 +52,7 @@ class Capabilities:
     concat_reason: str = ""
     leading_pads_ok: bool = True
     causal: bool = False
+    prefix_attention: bool = False
 
     def check_supported(self, model_type: str) -> None:
         """Concatenation is the reference every path is checked against: without it nothing can be trusted."""
@@ -165,29 +168,60 @@ def _shared_logits(model: nn.Module, prompt_cache: Any, ids: torch.Tensor, pads:
     return out.logits[:, pads:] if out.logits.dim() == 3 else out.logits  # per token, or pooled (SEQ_CLS)
 
 
-def _prefix_kv(model: nn.Module, embeddings: nn.Module, prompt: torch.Tensor, reference: torch.Tensor, ids) -> tuple:
-    """(prefix_kv, reason, pads_matter, smallest window or None), comparing the shared-KV forward with the
-    concatenated one, unpadded and in a ragged batch (the caller has checked that the model is causal)."""
+@dataclass(frozen=True)
+class _SharedProbe:
+    prefix_kv: bool
+    reason: str
+    pads_matter: bool = False
+    window: int | None = None
+    prefix_attention: bool = False
+
+
+def _prefix_kv(
+    model: nn.Module, embeddings: nn.Module, prompt: torch.Tensor, reference: torch.Tensor, ids
+) -> _SharedProbe:
+    """Compare the shared-KV forward with the concatenated one, unpadded and in a ragged batch (the caller has
+    checked that the model is causal); then the same forward on `attention.py`'s implementation with the first."""
     if kv.cache_kwarg(model) is None or kv.cache_kwarg(kv.backbone_of(model)) is None:
-        return False, "the model takes no KV cache", False, None
+        return _SharedProbe(False, "the model takes no KV cache")
     try:
         prompt_cache = kv.prompt_cache(model, prompt)
         if kv.plain_layers(prompt_cache) is None:
             layers = sorted({type(layer).__name__ for layer in getattr(prompt_cache, "layers", ())})
             why = f"its cache ({type(prompt_cache).__name__}, layers {layers or 'none'}) is not plain key/value"
-            return False, why, False, None
-        error = _relative(_shared_logits(model, prompt_cache, ids), reference)
-        padded = _relative(_shared_logits(model, prompt_cache, ids, pads=PROBE_PADS)[:1], reference[:1])
+            return _SharedProbe(False, why)
+        shared = [_shared_logits(model, prompt_cache, ids), _shared_logits(model, prompt_cache, ids, pads=PROBE_PADS)]
         model.train()  # a training forward must keep returning the prompt's cache
         kv.prompt_cache(model, prompt)
     except Exception as err:  # whatever the architecture does, the answer is "use concatenation"
-        return False, f"the shared-KV forward fails ({type(err).__name__}: {err})", False, None
+        return _SharedProbe(False, f"the shared-KV forward fails ({type(err).__name__}: {err})")
     finally:
         model.eval()
+    error, padded = _relative(shared[0], reference), _relative(shared[1][:1], reference[:1])
     if error > _tolerance(prompt.dtype):
-        return False, f"the shared-KV logits differ from concatenation by {error:.2g} (relative)", False, None
-    pads_matter = kv.has_local_attention(prompt_cache) or padded > _tolerance(prompt.dtype)
-    return True, "plain per-layer KV cache, equal to concatenation", pads_matter, kv.smallest_window(prompt_cache)
+        return _SharedProbe(False, f"the shared-KV logits differ from concatenation by {error:.2g} (relative)")
+    return _SharedProbe(
+        True,
+        "plain per-layer KV cache, equal to concatenation",
+        kv.has_local_attention(prompt_cache) or padded > _tolerance(prompt.dtype),
+        kv.smallest_window(prompt_cache),
+        _prefix_attention_ok(model, prompt_cache, ids, shared, _tolerance(prompt.dtype)),
+    )
+
+
+def _prefix_attention_ok(
+    model: nn.Module, prompt_cache: Any, ids: torch.Tensor, shared: list, tolerance: float
+) -> bool:
+    """Whether `attention.switched` leaves the shared-KV logits as they are, unpadded (the lower-right marker) and
+    in the ragged batch (a real mask)."""
+    if not attention.applies(model):
+        return False
+    try:
+        with attention.switched(model):
+            switched = [_shared_logits(model, prompt_cache, ids), _shared_logits(model, prompt_cache, ids, PROBE_PADS)]
+    except Exception:  # noqa: BLE001  any failure means: keep transformers' own implementation
+        return False
+    return max(_relative(a, b) for a, b in zip(switched, shared, strict=True)) <= tolerance
 
 
 def probe(model: nn.Module, embeddings: nn.Module) -> Capabilities:
@@ -213,13 +247,18 @@ def probe(model: nn.Module, embeddings: nn.Module) -> Capabilities:
                 else "bidirectional attention: the prompt's keys depend on the input"
             )
             return Capabilities(False, reason, leading_pads_ok=pads_first and not pads_last)
-        prefix_kv, reason, pads_matter, window = _prefix_kv(model, embeddings, prompt, reference, ids)
-        if prefix_kv and window is not None and window <= PROBE_MAX_WINDOW:
-            longer = embed(embeddings, _probe_ids(embeddings, 1, window + 1, offset=1)[0]).detach()
-            prefix_kv, reason, pads_matter, _ = _prefix_kv(
-                model, embeddings, longer, _concat_logits(model, embeddings, longer, ids), ids
-            )
-    return Capabilities(prefix_kv, reason, pads_matter, leading_pads_ok=pads_first, causal=True)
+        shared = _prefix_kv(model, embeddings, prompt, reference, ids)
+        if shared.prefix_kv and shared.window is not None and shared.window <= PROBE_MAX_WINDOW:
+            longer = embed(embeddings, _probe_ids(embeddings, 1, shared.window + 1, offset=1)[0]).detach()
+            shared = _prefix_kv(model, embeddings, longer, _concat_logits(model, embeddings, longer, ids), ids)
+    return Capabilities(
+        shared.prefix_kv,
+        shared.reason,
+        shared.pads_matter,
+        leading_pads_ok=pads_first,
+        causal=True,
+        prefix_attention=shared.prefix_attention,
+    )
 
 
 def _pads_ok(model: nn.Module, embeddings: nn.Module, prompt: torch.Tensor, reference, ids, lead: bool) -> bool:

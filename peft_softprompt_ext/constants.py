@@ -49,6 +49,8 @@ ADAPTER_FILES = (
 # --------------------------------------------------------------------------- runtime
 BASE_ADAPTER = "__base__"  # in `adapter_names`: this row gets no prompt
 METRICS = ("cosine", "l2", "dot")  # nearest-token metrics of decode.py
+SDPA_NAME = "sdpa"  # transformers' attention implementation that `attention.py` stands in for
+PREFIX_ATTENTION_NAME = "softprompt_sdpa"  # ours, registered with transformers' AttentionInterface
 MAX_VIRTUAL_TOKENS = 16384  # beyond this a "prompt" is a second input; a typo like 1e8 must not allocate for minutes
 
 # --------------------------------------------------------------------------- environment

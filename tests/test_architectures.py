@@ -295,6 +295,8 @@ def check_config(rec: Record, base, task: str, cfg: str, tmp_path: Path, eos_ter
     if rec.unsupported:
         return {}
     rec.paths[cfg] = str(getattr(path, "value", path))
+    if rec.paths[cfg] == "prefix_kv" and model.capabilities.prefix_attention:
+        rec.paths[cfg] += ", softprompt_sdpa"  # the prefix-aware attention (attention.py) runs its shared calls
     rows = make_ids(base, [7, 7], seed=1, eos_terminated=eos_terminated)
     ids = torch.stack(rows)
     extra = forward_kwargs(task, base, 2)
@@ -722,7 +724,8 @@ def write_table() -> str:
         f"module wall time {total:.0f}s. Cells: ok / FAIL (both configs) / FAIL(kv|cat) (one config) / n/a (the "
         "base model alone isn't padding invariant either, even with pad-skipping position ids); grad FAIL = prefix-KV "
         "and concat gradients differ; grad_ckpt FAIL = with non-reentrant gradient checkpointing on, the prefix-KV "
-        "config's gradients differ from concat's without it (n/a: the architecture has no gradient checkpointing). path: the model's `execution_path` if it has one.",
+        "config's gradients differ from concat's without it (n/a: the architecture has no gradient checkpointing). path: the model's `execution_path` if it has one; softprompt_sdpa: the probe let the shared path run "
+        "the package's prefix-aware SDPA (attention.py) instead of transformers' own.",
         "",
         build_line,
         "",

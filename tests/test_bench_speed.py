@@ -52,7 +52,7 @@ def smoke(bench, tiny_dir, tmp_path_factory):
         "--threads",
         "1",
     ]
-    argv += ["--methods", "bare", "lora", "peft_pt", "ours_shared", "ours_concat", "ours_proposed"]
+    argv += ["--methods", "bare", "lora", "peft_pt", "ours_shared", "ours_concat"]
     results = bench.main(argv + ["--out-dir", str(out), "--name", "speed_smoke"])
     return results, out
 
@@ -78,8 +78,8 @@ def test_bench_writes_json_markdown_and_plot(smoke):
         "system_last",
     }
     trains = [r for r in records if r["kind"] == "train"]
-    assert len(trains) == 1 + 4 * 2  # lora + 4 prompt methods x 2 prompt lengths
-    assert len([r for r in records if r["kind"] == "train_gc"]) == 1 + 3 * 2
+    assert len(trains) == 1 + 3 * 2  # lora + 3 prompt methods x 2 prompt lengths
+    assert len([r for r in records if r["kind"] == "train_gc"]) == 1 + 2 * 2
     for r in records:
         assert 1 <= len(r["times_s"]) == len(r["cpu_times_s"]) <= 2 and r["flops"] > 0 and r["ops"] > 0
         if r["kind"].startswith("train"):
@@ -89,11 +89,10 @@ def test_bench_writes_json_markdown_and_plot(smoke):
         "bare_user_turn",
         "bare_hard_system",
         "ours_compiled",
-        "ours_compiled_proposed",
         "ours_recomputed",
     }
     last = {r["method"] for r in records if r["kind"] == "system_last"}
-    assert last == {"bare_user_turn", "ours_compiled", "ours_compiled_proposed"}
+    assert last == {"bare_user_turn", "ours_compiled"}
 
     ratios = data["ratios"]
     shared = [r for r in ratios if r["method"] == "ours_shared" and r["kind"] == "train" and r["against"] == "lora"]

@@ -17,8 +17,6 @@ Modules (each documented in its own docstring):
   `read_section`), safe against another benchmark writing its own section at the same time.
 - ``benchmarks.common.cli``: the arguments every benchmark takes (`add_common_arguments`), quieting libraries
   (`quiet_libraries`) and the reproducible command line (`command_line`).
-- ``benchmarks.common.prototypes``: package changes the benchmarks propose, switchable per run so their effect is
-  measured side by side (`prefix_attention`); not part of the stable API, deleted once the package has them.
 
 Scripts run as ``python benchmarks/<name>.py``; to import this package they put the repository root on
 ``sys.path`` first (`benchmarks/bench_speed.py` shows the three lines).

@@ -2,7 +2,7 @@
 
 - ``config``: method names, targets, references and the `Settings` of a run.
 - ``zoo``: the models under test around one frozen base (`build_zoo` -> `Zoo`), and `Zoo.configure`, which puts the
-  shared base in the state one method's run needs (gradient checkpointing, the prefix-attention prototype).
+  shared base in the state one method's run needs (gradient checkpointing on or off).
 - ``work``: inputs (random ids, the system-prompt request), the timed work (train step, prefill, generate), the tasks
   and groups of a run (`plan`) and the run itself (`run`: instrumented warm-up, interleaved rounds).
 - ``summary``: ratios round by round against each reference (`ratios`), the issue's targets (`check_targets`), the

@@ -6,11 +6,11 @@ from dataclasses import dataclass, field
 
 from benchmarks.common import RESULTS_DIR
 
-METHODS = ("bare", "lora", "peft_pt", "ours_shared", "ours_concat", "ours_proposed")
-DEFAULT_METHODS = METHODS[:-1]
-PROMPT_METHODS = ("peft_pt", "ours_shared", "ours_concat", "ours_proposed")
+METHODS = ("bare", "lora", "peft_pt", "ours_shared", "ours_concat")
+DEFAULT_METHODS = METHODS
+PROMPT_METHODS = ("peft_pt", "ours_shared", "ours_concat")
 TRAINABLE = ("lora", *PROMPT_METHODS)
-CHECKPOINTED = ("lora", "ours_shared", "ours_concat", "ours_proposed")  # also timed with gradient checkpointing
+CHECKPOINTED = ("lora", "ours_shared", "ours_concat")  # also timed with gradient checkpointing
 AGREE = 0.05  # --compare: two runs agree when every headline ratio is within this fraction
 FLOP_TOLERANCE = 0.05  # a time ratio "matches its FLOPs" within this fraction
 SECTION = "## bench_speed"

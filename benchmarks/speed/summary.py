@@ -57,7 +57,7 @@ def ratios(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
         if ref is not None:
             out.append(compare(record, ref, throughput, ref_method))
         concat = find(records, method="ours_concat", P=record["P"], **where)
-        if record["method"] in ("ours_shared", "ours_proposed") and concat is not None:
+        if record["method"] == "ours_shared" and concat is not None:
             out.append(compare(record, concat, throughput, "ours_concat"))
     return [r for r in out if r["method"] != r["against"]]
 

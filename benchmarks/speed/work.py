@@ -202,17 +202,13 @@ def system_tasks(zoo: Zoo, s: Settings, b: int, device: Any) -> list[Task]:
     full, user = system_inputs(zoo, s, b, device)
     hard = _without_slot(full, s)
     p, length = s.slot_tokens, s.user_tokens
-    variants = [("ours_compiled", "ours_shared")] + [("ours_compiled_proposed", "ours_proposed")] * (
-        "ours_proposed" in s.methods
-    )
     shared = lambda: zoo.configure("ours_shared")  # noqa: E731
     tasks = []
     for kind, keep in (("system", None), ("system_last", 1)):
         bare = lambda k=keep: prefill(zoo.base, user, keep=k)  # noqa: E731
         tasks.append(Task(kind, "bare_user_turn", None, b, length, bare, shared))
-        for name, method in variants:
-            fn = lambda k=keep: prefill(zoo.slot, full, keep=k)  # noqa: E731
-            tasks.append(Task(kind, name, p, b, length, fn, lambda m=method: zoo.configure(m)))
+        compiled = lambda k=keep: prefill(zoo.slot, full, keep=k)  # noqa: E731
+        tasks.append(Task(kind, "ours_compiled", p, b, length, compiled, shared))
     tasks.append(Task("system", "bare_hard_system", None, b, length, lambda: prefill(zoo.base, hard), shared))
     tasks.append(
         Task("system", "ours_recomputed", p, b, length, lambda: prefill_recomputed(zoo.slot_recomputed, full), shared)

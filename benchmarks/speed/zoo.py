@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from benchmarks.common import models, prototypes
+from benchmarks.common import models
 
 from .config import PROMPT_METHODS, Settings
 
@@ -44,11 +44,7 @@ class Zoo:
 
     def configure(self, method: str, checkpointing: bool = False) -> None:
         """Put the shared base (and LoRA's copy) in the state `method`'s next run needs: gradient checkpointing on
-        or off, and the proposed package changes (benchmarks.common.prototypes) on for `*proposed` methods only."""
-        proposed = method.endswith("proposed")
-        prototypes.prefix_attention(self.base, proposed)
-        prototypes.fixed_prefix_logits(proposed)
-        prototypes.single_row_concat(proposed)
+        or off."""
         for net, on in (
             (self.base, checkpointing and method != "lora"),
             (self.lora, checkpointing and method == "lora"),

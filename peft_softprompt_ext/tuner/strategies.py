@@ -22,6 +22,7 @@ import torch
 from torch import nn
 from transformers import StoppingCriteria, StoppingCriteriaList
 
+from .. import attention
 from .. import cache as kv
 from ..architecture import Capabilities, UnsupportedModelError
 from ..vocab import embed
@@ -103,6 +104,15 @@ def new_positions(model: nn.Module, kwargs: dict[str, Any], length: int) -> int:
     return 0
 
 
+def _attention(model: PromptedModel) -> contextlib.AbstractContextManager:
+    """The base model on `attention.py`'s prefix-aware SDPA for one call, where the probe allowed it. Not under
+    gradient checkpointing: the layers' recompute runs in backward, after the call, on transformers' SDPA, and must
+    save the tensors the forward saved."""
+    base = model.base_model
+    on = model.capabilities.prefix_attention and not kv.gradient_checkpointing_active(base)
+    return attention.switched(base, on)
+
+
 class PrefixKV:
     """The prompt lives in the KV cache; the base model sees the user's tokens only."""
 
@@ -137,7 +147,7 @@ class PrefixKV:
         if labels is not None:
             inputs["labels"] = labels
         context = kv.cache_kept_under_checkpointing(base) if not use_cache else contextlib.nullcontext()
-        with context:
+        with context, _attention(model):
             outputs = base(**inputs, **batch.kwargs)
         return _restore_outputs(model, outputs, layout)
 
@@ -160,7 +170,8 @@ class PrefixKV:
         tail = _remainder_tail(batch, rest, keep)
         if tail:
             inputs["logits_to_keep"] = tail
-        outputs = base(**inputs, **{kv.cache_kwarg(base): cache}, return_dict=True, **batch.kwargs)
+        with _attention(model):
+            outputs = base(**inputs, **{kv.cache_kwarg(base): cache}, return_dict=True, **batch.kwargs)
         if tail:
             return outputs
         logits = rest.put(outputs.logits, batch.length)
@@ -193,12 +204,13 @@ class PrefixKV:
         if kwargs.get("max_length") is not None:
             kwargs["max_length"] += start - batch.length
         _user_view_criteria(kwargs, batch.input_ids, start)
-        out = base.generate(
-            input_ids=torch.cat([ids.new_full(cached.shape, safe), ids], dim=1),
-            attention_mask=torch.cat([cached, rest.mask], dim=1),
-            **{kv.cache_kwarg(base): cache},
-            **kwargs,
-        )
+        with _attention(model):
+            out = base.generate(
+                input_ids=torch.cat([ids.new_full(cached.shape, safe), ids], dim=1),
+                attention_mask=torch.cat([cached, rest.mask], dim=1),
+                **{kv.cache_kwarg(base): cache},
+                **kwargs,
+            )
         return _with_input(out, batch.input_ids, start)
 
 

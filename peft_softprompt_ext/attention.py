@@ -1,0 +1,155 @@
+"""Attention for the user's tokens against the prompt's keys/values: transformers' SDPA without two costs its
+generic path puts on a prefix cache.
+
+With a cache, kv_len > q_len, so transformers builds an explicit mask (it skips it only when q_len == kv_len or
+q_len == 1) and then
+
+1. can't pass `is_causal` (SDPA's causal flag is upper-left; a prefix needs lower-right), so on CUDA the flash kernel
+   is off the table;
+2. on CPU calls `repeat_kv` (`use_gqa_in_sdpa` allows grouped-query attention only without a mask), materialising
+   the key/value heads once per query group in every layer, forward and backward, although torch's CPU kernel takes
+   a mask together with `enable_gqa`.
+
+`softprompt_sdpa` is registered with transformers (`AttentionInterface`, `AttentionMaskInterface`, its public
+extension points). Its mask function returns the marker `LOWER_RIGHT` instead of a mask when the only pattern is
+lower-right causal (plain causal, no padding, the 2-D mask covering every key); its attention function then runs
+lower-right causal attention: on CUDA with `torch.nn.attention.bias.causal_lower_right` (the flash kernel), on CPU
+with a boolean mask built once per shape and `enable_gqa`. A real mask (padding, windows) on CPU goes to SDPA with
+`enable_gqa`; everything else to transformers' own `sdpa_attention_forward`. The marker is passed to every layer
+as its mask.
+
+`switched(base)` turns it on around one call of a model whose configs all say "sdpa"; the capability probe
+(`architecture.py`) decides per model whether it may, by comparing logits with and without it. Gradient
+checkpointing keeps it off (`tuner/strategies.py`): a checkpointed layer reruns in backward, outside that call.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.attention.bias import causal_lower_right
+from transformers import AttentionInterface, PretrainedConfig
+from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, causal_mask_function, sdpa_mask
+
+from .constants import PREFIX_ATTENTION_NAME, SDPA_NAME
+
+LOWER_RIGHT = torch.zeros(1, 1, 0, 0, dtype=torch.bool)  # "lower-right causal, no padding" (compared by identity)
+_GENERIC = ("softcap", "position_bias", "s_aux", "sinks")  # features only transformers' own function handles
+
+
+@functools.lru_cache(maxsize=32)
+def _lower_right(q_len: int, kv_len: int, device: str) -> torch.Tensor:
+    return torch.ones(q_len, kv_len, dtype=torch.bool, device=device).tril(kv_len - q_len)
+
+
+def prefix_mask(
+    batch_size: int,
+    q_length: int,
+    kv_length: int,
+    q_offset: Any = 0,
+    kv_offset: int = 0,
+    mask_function: Any = causal_mask_function,
+    attention_mask: torch.Tensor | None = None,
+    local_size: int | None = None,
+    allow_is_causal_skip: bool = True,
+    **kwargs: Any,
+) -> Any:
+    """`LOWER_RIGHT` for queries that are the last q_length of kv_length keys, plain causal, nothing masked;
+    transformers' SDPA mask otherwise."""
+    plain = mask_function is causal_mask_function and local_size is None and allow_is_causal_skip
+    covered = attention_mask is not None and attention_mask.shape[-1] == kv_length and kv_offset == 0
+    suffix = 1 < q_length < kv_length and isinstance(q_offset, int) and q_offset == kv_length - q_length
+    if plain and covered and suffix and bool(attention_mask.all()):
+        return LOWER_RIGHT
+    return sdpa_mask(
+        batch_size,
+        q_length,
+        kv_length,
+        q_offset=q_offset,
+        kv_offset=kv_offset,
+        mask_function=mask_function,
+        attention_mask=attention_mask,
+        local_size=local_size,
+        allow_is_causal_skip=allow_is_causal_skip,
+        **kwargs,
+    )
+
+
+def prefix_sdpa(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    is_causal: bool | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    lower_right = attention_mask is LOWER_RIGHT
+    cpu = query.device.type == "cpu"
+    generic = any(kwargs.get(name) is not None for name in _GENERIC)
+    if not lower_right and (attention_mask is None or not cpu or generic):
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs
+        )
+    if generic:
+        raise ValueError(f"{type(module).__name__} passes {[n for n in _GENERIC if kwargs.get(n) is not None]}")
+    groups = getattr(module, "num_key_value_groups", 1)
+    q_len, kv_len = query.shape[2], key.shape[2]
+    if lower_right and not cpu:
+        if groups > 1:  # the lower-right dispatch calls the flash op itself, without enable_gqa
+            key, value = repeat_kv(key, groups), repeat_kv(value, groups)
+        mask = causal_lower_right(q_len, kv_len)
+        out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=dropout, scale=scaling)
+    else:
+        mask = _lower_right(q_len, kv_len, str(query.device)) if lower_right else attention_mask
+        out = F.scaled_dot_product_attention(
+            query, key, value, attn_mask=mask, dropout_p=dropout, scale=scaling, enable_gqa=groups > 1
+        )
+    return out.transpose(1, 2).contiguous(), None
+
+
+@functools.cache
+def _register() -> None:
+    AttentionInterface.register(PREFIX_ATTENTION_NAME, prefix_sdpa)
+    AttentionMaskInterface.register(PREFIX_ATTENTION_NAME, prefix_mask)
+
+
+def _configs(config: PretrainedConfig) -> list[PretrainedConfig]:
+    found = [config]
+    for key in getattr(config, "sub_configs", {}) or {}:
+        sub = getattr(config, key, None)
+        if isinstance(sub, PretrainedConfig):
+            found += _configs(sub)
+    return found
+
+
+def applies(base: nn.Module) -> bool:
+    """Whether `base` runs transformers' SDPA everywhere (the only implementation this one stands in for) and
+    dispatches attention through `AttentionInterface`."""
+    config = getattr(base, "config", None)
+    if not isinstance(config, PretrainedConfig) or not getattr(base, "_supports_attention_backend", False):
+        return False
+    return all(c._attn_implementation == SDPA_NAME for c in _configs(config))
+
+
+@contextlib.contextmanager
+def switched(base: nn.Module, on: bool = True) -> Iterator[None]:
+    """`base` on `softprompt_sdpa` for the block (when `on` and it `applies`), back on "sdpa" afterwards."""
+    if not on or not applies(base):
+        yield
+        return
+    _register()
+    base.config._attn_implementation = PREFIX_ATTENTION_NAME
+    try:
+        yield
+    finally:
+        base.config._attn_implementation = SDPA_NAME

@@ -1,0 +1,120 @@
+"""The shared path's prefix-aware SDPA (`attention.py`): which kernel call it makes, that it stands in for
+transformers' SDPA only for the call it wraps, and that its results are concatenation's."""
+
+from __future__ import annotations
+
+import pytest
+import tiny
+import torch
+from peft import get_peft_model
+from torch.nn import functional as F
+from torch.overrides import TorchFunctionMode
+
+from peft_softprompt_ext import ExecutionPath, SoftPromptConfig, attention
+from peft_softprompt_ext.constants import PREFIX_ATTENTION_NAME, SDPA_NAME
+
+P = 4
+
+
+def make(arch: str = "llama", shared_prompt_kv: bool = True, attn: str | None = None):
+    base = tiny.causal_lm(arch)
+    if attn:
+        base.set_attn_implementation(attn)
+    config = SoftPromptConfig(task_type="CAUSAL_LM", num_virtual_tokens=P, shared_prompt_kv=shared_prompt_kv)
+    return get_peft_model(base, config).eval()
+
+
+class SdpaCalls(TorchFunctionMode):
+    """Records the key heads, mask and `enable_gqa` of every SDPA call (observes; changes nothing)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[tuple[int, bool, bool]] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.scaled_dot_product_attention:
+            self.calls.append((args[1].shape[1], kwargs.get("attn_mask") is not None, bool(kwargs.get("enable_gqa"))))
+        return func(*args, **kwargs)
+
+
+def _layer_masks(model) -> list:
+    """The mask each call of the first attention layer receives, and the implementation its config names then."""
+    seen = []
+    layer = next(m for n, m in model.get_base_model().named_modules() if n.endswith("self_attn"))
+
+    def hook(module, args, kwargs):
+        seen.append((kwargs.get("attention_mask"), module.config._attn_implementation))
+
+    layer.register_forward_pre_hook(hook, with_kwargs=True)
+    return seen
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_grouped_query_heads_reach_sdpa_unrepeated(arch):
+    """With the prompt in the cache the layers get a lower-right marker (no mask built) without pads, a real mask
+    with them; on CPU SDPA gets the model's 2 key/value heads with `enable_gqa`, not 4 repeated ones."""
+    model = make(arch)
+    assert model.capabilities.prefix_kv and model.capabilities.prefix_attention
+    heads = model.get_base_model().config.num_key_value_heads
+    seen = _layer_masks(model)
+    ids = tiny.random_ids(3, 6)
+    padded, mask = tiny.left_pad([ids[0, :3], ids[1], ids[2, :5]])
+    for kwargs in ({"input_ids": ids}, {"input_ids": padded, "attention_mask": mask}):
+        with torch.no_grad(), SdpaCalls() as sdpa:
+            model(**kwargs)
+        layers = model.get_base_model().config.num_hidden_layers
+        assert sdpa.calls[-layers:] == [(heads, True, True)] * layers
+    assert seen[-2][0] is attention.LOWER_RIGHT and seen[-1][0] is not attention.LOWER_RIGHT
+    # the prompt's own batch-1 pass (no cache, `is_causal`) stays on transformers' SDPA
+    assert {name for mask, name in seen if mask is not None} == {PREFIX_ATTENTION_NAME}
+    assert model.get_base_model().config._attn_implementation == SDPA_NAME  # only for the call
+
+
+def test_results_equal_concatenation_in_training_and_generation():
+    """Logits (padded), prompt gradients (also under non-reentrant checkpointing) and greedy generation equal the
+    concatenated prompt's, which never uses the prefix attention."""
+    ids = tiny.random_ids(3, 6)
+    padded, mask = tiny.left_pad([ids[0, :3], ids[1], ids[2, :5]])
+    shared, concat = make(), make(shared_prompt_kv=False)
+    with torch.no_grad():
+        got = shared(input_ids=padded, attention_mask=mask).logits
+        want = concat(input_ids=padded, attention_mask=mask).logits
+    torch.testing.assert_close(got[mask.bool()], want[mask.bool()], rtol=1e-4, atol=1e-5)
+
+    def prompt_grad(model) -> torch.Tensor:
+        model.train()
+        model(input_ids=ids, labels=ids).loss.backward()
+        weight = model.prompt_encoder["default"].embedding.weight
+        grad, weight.grad = weight.grad.clone(), None
+        return grad
+
+    reference = prompt_grad(concat)
+    torch.testing.assert_close(prompt_grad(shared), reference, rtol=1e-5, atol=1e-7)
+    shared.get_base_model().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    assert shared.train().execution_path is ExecutionPath.PREFIX_KV
+    torch.testing.assert_close(prompt_grad(shared), reference, rtol=1e-5, atol=1e-7)
+
+    generate = {"attention_mask": mask, "max_new_tokens": 5, "do_sample": False, "pad_token_id": 0}
+    with torch.no_grad():
+        torch.testing.assert_close(
+            shared.eval().generate(input_ids=padded, **generate), concat.eval().generate(input_ids=padded, **generate)
+        )
+
+
+def test_other_implementations_are_left_alone():
+    """A model on eager attention is never switched: the probe says so and its forward keeps its implementation."""
+    model = make(attn="eager")
+    assert model.capabilities.prefix_kv and not model.capabilities.prefix_attention
+    seen = _layer_masks(model)
+    with torch.no_grad():
+        model(input_ids=tiny.random_ids(2, 5))
+    assert {name for _, name in seen} == {"eager"}
+
+
+def test_switch_is_undone_when_the_call_fails():
+    base = tiny.causal_lm("llama")
+    with pytest.raises(RuntimeError, match="inside"), attention.switched(base):
+        assert base.config._attn_implementation == PREFIX_ATTENTION_NAME
+        raise RuntimeError("inside")
+    assert base.config._attn_implementation == SDPA_NAME
