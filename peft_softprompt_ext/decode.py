@@ -214,8 +214,13 @@ class DecodedPrompt:
 
 
 def _check_tokenizer(tokenizer: Any, rows: int) -> int:
-    """The number of ids the tokenizer can produce; a tokenizer larger than the table is not this model's."""
+    """The number of ids to search: the tokenizer's, or the table's when every id beyond it is an added special
+    token (slot placeholders, `slots.add_slot_tokens`, are never embedded); any other tokenizer larger than the
+    table is not this model's."""
     size = len(tokenizer)
+    added = getattr(tokenizer, "added_tokens_decoder", None) or {}
+    if size > rows and all(i in added and added[i].special for i in range(rows, size)):
+        return rows
     if size > rows:
         raise ValueError(
             f"Vocabulary size mismatch: the tokenizer has {size} tokens but the model's input embedding table has "

@@ -344,3 +344,20 @@ def test_exported_embeddings_reproduce_our_logits_where_a_server_splices_them(tm
             torch.testing.assert_close(served, model(input_ids=torch.tensor([ids])).logits, atol=1e-5, rtol=1e-4)
     with pytest.raises(ValueError, match="PROMPT_TUNING can only put them before it"):
         export_peft_prompt_tuning(model, tmp_path / "peft")
+
+
+def test_decoding_with_the_slot_tokenizer():
+    """The tokenizer that carries the slot placeholders (added ids beyond the embedding table: never embedded)
+    decodes the prompt as the plain tokenizer does, never to a placeholder, and drives PEZ projection."""
+    from peft_softprompt_ext.decode import projected_prompt
+
+    model, tokenizer = make()
+    plain = make_tokenizer()
+    assert len(tokenizer) > model.get_input_embeddings().weight.shape[0] >= len(plain)
+    got, want = model.decode_prompt(tokenizer, top_k=3), model.decode_prompt(plain, top_k=3)
+    assert torch.equal(got.token_ids, want.token_ids) and got.text == want.text
+    assert not set(got.token_ids.flatten().tolist()) & set(model.active_peft_config.slot_token_ids)
+    ids, mask = encode(tokenizer, texts(model))
+    with projected_prompt(model, tokenizer=tokenizer) as state:
+        model(input_ids=ids, attention_mask=mask)
+    assert state.token_ids == got.top1_ids
