@@ -55,7 +55,7 @@ METHODS = tuple(S.DESCRIPTIONS)
 # alone: the runs are deterministic, so it scores the same); "all" is both (a GPU run).
 SUITES = {
     "default": ("zero_shot", "few_shot_best", "ours_default", "decoded_nearest", "pez_hard_prompt", "lora"),
-    "baselines": ("few_shot_per_class", "ours_default", "ours_system", "peft_pt_defaults", "peft_pt_tuned"),
+    "baselines": ("few_shot_per_class", "ours_default", "ours_prepend", "peft_pt_defaults", "peft_pt_tuned"),
     "all": METHODS,
 }
 OUTPUT = {
@@ -82,7 +82,8 @@ markdown and plot in `benchmarks/results/quality.*`; the lever sweep, partial so
 - One budget for every trained method: the same steps, batch, seeded length-grouped batch order, loss on the
   answer only (the class's first token; or the answer's tokens and EOS), gradient clipping 1.0, bf16 autocast on
   CPU (float32 weights, prompt and logits). `ours_default` is the one configuration fixed before the run
-  (the partial sweep confirmed its lr); `ours_system` is the same in the system turn (`slots=[P]`, slot text as the system message);
+  (the sweep chose its lr and its placement: a slot in the system turn, `slots=[P]`, the slot text as the system
+  message); `ours_prepend` is the same in front of everything (the default before the placement lever ran);
   `pez_hard_prompt` is the same trained inside `decode.projected_prompt` (PEZ) and scored as the tokens it
   projects to; `decoded_nearest` is `ours_default`'s cosine-nearest tokens. PEFT PromptTuning "defaults": random
   N(0,1) init, lr 1e-4; "tuned": our default's init text and recipe. LoRA: r 8, alpha 16, q_proj and v_proj, its

@@ -86,7 +86,7 @@ def check_task_entry(bench, task: str, entry: dict) -> None:
     for m in methods.values():
         assert 0.0 <= m["mean"] <= 1.0 and isinstance(m["sd"], float) and m["sd"] >= 0.0
         assert len(m["scores"]) == 2 and m["seeds"] == [0, 1] and isinstance(m["trainable_params"], int)
-    for name in ("ours_default", "pez_hard_prompt", "ours_system", "peft_pt_defaults", "peft_pt_tuned"):
+    for name in ("ours_default", "pez_hard_prompt", "ours_prepend", "peft_pt_defaults", "peft_pt_tuned"):
         assert methods[name]["trainable_params"] == 20 * 32
     assert methods["lora"]["trainable_params"] > methods["ours_default"]["trainable_params"]
     assert all(methods[name]["trainable_params"] == 0 for name in ("zero_shot", "few_shot_best", "decoded_nearest"))

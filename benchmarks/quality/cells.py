@@ -54,7 +54,7 @@ def run_method(name: str, run: M.Run, s: Settings) -> M.MethodResult | None:
         "ours_default": lambda: M.soft(run, "ours_default", ours, keep="decoded_nearest" in s.methods),
         "decoded_nearest": lambda: M.decoded_nearest(run, "ours_default") if "ours_default" in run.kept else None,
         "pez_hard_prompt": lambda: M.soft(run, "pez_hard_prompt", replace(ours, projected=True)),
-        "ours_system": lambda: M.soft(run, "ours_system", replace(ours, placement="system")),
+        "ours_prepend": lambda: M.soft(run, "ours_prepend", replace(ours, placement="prepend")),
         "peft_pt_defaults": lambda: M.peft_prompt_tuning(run, "peft_pt_defaults", PEFT_DEFAULTS_RECIPE, "random", ours),
         "peft_pt_tuned": lambda: M.peft_prompt_tuning(run, "peft_pt_tuned", ours.recipe, _peft_init(ours), ours),
         "lora": lambda: M.lora(run, LORA_RECIPE),

@@ -19,7 +19,7 @@ DESCRIPTIONS = {
     "ours_default": "ours, default config",
     "decoded_nearest": "ours_default decoded to its cosine-nearest tokens (hard prompt)",
     "pez_hard_prompt": "PEZ: ours trained through the nearest-token projection, used as its hard prompt",
-    "ours_system": "ours, default config, in the system turn (slot) instead of in front",
+    "ours_prepend": "ours, default config, in front of everything instead of in the system turn",
     "peft_pt_defaults": "PEFT PromptTuning at its defaults (random N(0,1) init, lr 1e-4)",
     "peft_pt_tuned": "PEFT PromptTuning tuned (our default's init and recipe)",
     "lora": "LoRA r8 on q,v",

@@ -5,7 +5,8 @@ Every row is one exact configuration, trained and scored on the dev split of eac
 (Lester et al. 2021 and the design notes): learning rate (AdamW), Adafactor at lr 0.3, init (vocab sample,
 matched random, instruction text, class-label text, one label per token), prompt length at the >= 30x parameter
 budget (P <= 26 on SmolLM2: LoRA r8 q,v has 460,800 parameters), lr schedule and warmup, residual
-reparameterisation, bf16 autocast vs float32; then LoRA's lr and few-shot k.
+reparameterisation, where the prompt sits (before the chat template, or a slot in its system turn), bf16 autocast vs
+float32; then LoRA's lr and few-shot k.
 
 Rows are merged into ``<out-dir>/<name>.json`` by (task, seed, row), so the sweep can run in pieces
 (``--sweep-levers lr,init``) and a rerun replaces its rows; the table is rebuilt from every row on file.
@@ -71,6 +72,10 @@ def soft_rows() -> dict[str, list[tuple[str, M.SoftSpec]]]:
             ("schedule=linear warmup=0", replace(d, recipe=_recipe(schedule="linear", warmup=0.0))),
         ],
         "reparam": [("residual (bottleneck 128)", replace(d, reparameterization="residual"))],
+        "placement": [
+            ("placement=prepend (before the chat template)", replace(d, placement="prepend")),
+            ("placement=system (a slot in the system turn)", replace(d, placement="system")),
+        ],
         "pez_lr": [(f"PEZ lr={lr:g}", replace(d, projected=True, recipe=_recipe(lr=lr))) for lr in PEZ_LRS],
     }
 
