@@ -179,3 +179,25 @@ def test_exact_match_and_tasks(bench):
     ex = data.Example("dog: a canine", "canine", ("canine", "canid"))
     assert data.exact_match(" Canid.\n", ex) and data.exact_match("canine", ex) and not data.exact_match("dog", ex)
     assert TASKS["supersense"].kind == "rank" and TASKS["hypernym"].kind == "generate"
+
+
+def test_generation_stops_a_row_only_once_it_cannot_match(bench):
+    """`CannotMatch` never stops a row whose text could still exact-match (case, spaces, a final period), and stops
+    one that has written more than its longest accepted answer allows; rows are judged one by one."""
+    from benchmarks.quality.engine import CannotMatch
+
+    tokenizer = make_tokenizer()
+    ex = data.Example("w3: word1", "word2", ("word2", "word3 word4"))
+    start = 2
+    prefix = [tokenizer.convert_tokens_to_ids("user")] * start
+
+    def stopped(*texts: str) -> list[bool]:
+        rows = [prefix + tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+        width = max(len(r) for r in rows)
+        ids = torch.tensor([r + [tokenizer.pad_token_id] * (width - len(r)) for r in rows])
+        return CannotMatch(tokenizer, start, [ex] * len(texts))(ids, None).tolist()
+
+    still_possible = ["word3 word4 .", "word2", "word3", ""]
+    assert all(data.exact_match(t, ex) or t in ("word3", "") for t in still_possible)
+    assert stopped(*still_possible) == [False] * 4
+    assert stopped("word3 word4 word2", "word2", "word2 word2 word2") == [True, False, True]

@@ -5,9 +5,10 @@
   position (ranking), or the answer's tokens and EOS (generation). Optimizer, lr, schedule, warmup, weight decay
   and gradient clipping come from a `Recipe`.
 - Scoring: ranking takes the argmax over the class tokens' logits at the last position; generation runs greedy
-  `model.generate` and compares the decoded text by `data.exact_match`. Batches are length-sorted; every model
-  sees left-padded rows (our soft prompt's output does not depend on padding; PEFT's prompt tuning puts its
-  prompt before the pads).
+  `model.generate` and compares the decoded text by `data.exact_match`. A row stops generating once its text can no
+  longer match (`CannotMatch`), like lm-eval's `until`: the scores are those of full-length generation, the
+  wasted decoding steps are gone. Batches are length-sorted; every model sees left-padded rows (our soft prompt's
+  output does not depend on padding; PEFT's prompt tuning puts its prompt before the pads).
 """
 
 from __future__ import annotations
@@ -24,9 +25,10 @@ from typing import Any
 import torch
 from torch.nn import functional as F
 from tqdm.auto import tqdm
+from transformers import StoppingCriteria, StoppingCriteriaList
 
 from peft_softprompt_ext.app import recipe as app_recipe
-from peft_softprompt_ext.app.data import exact_match
+from peft_softprompt_ext.app.data import Example, exact_match, normalize_answer
 
 from .tasks import RANK, Row
 
@@ -211,6 +213,26 @@ class EvalSpec:
         return self.tokenizer.pad_token_id
 
 
+def _letters(text: str) -> int:
+    return len("".join(text.split()))
+
+
+class CannotMatch(StoppingCriteria):
+    """Stops each row once the text it has generated holds more non-space characters than its longest accepted
+    answer (normalised) plus a final period and a margin of 2 for a character decoded from part of its bytes:
+    `exact_match` compares normalised text (case folded, whitespace collapsed, one final period dropped), so such
+    a row can no longer match, whatever it writes next."""
+
+    def __init__(self, tokenizer: Any, start: int, examples: Sequence[Example]) -> None:
+        self.tokenizer, self.start = tokenizer, start
+        self.budgets = [max(_letters(normalize_answer(a)) for a in ex.accepted()) + 3 for ex in examples]
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        texts = self.tokenizer.batch_decode(input_ids[:, self.start :], skip_special_tokens=True)
+        done = [_letters(text) > budget for text, budget in zip(texts, self.budgets, strict=True)]
+        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+
+
 @torch.no_grad()
 def score(model: Any, data: Requests, task: Any, spec: EvalSpec, desc: str) -> Scored:
     """Ranking accuracy or generation exact match on `data` (see the module docstring)."""
@@ -230,6 +252,7 @@ def score(model: Any, data: Requests, task: Any, spec: EvalSpec, desc: str) -> S
                 for i, p in zip(rows, pred, strict=True):
                     correct[i] = p == data.rows[i].gold
                 continue
+            stop = CannotMatch(tokenizer, ids.shape[1], [data.rows[i].example for i in rows])
             out = model.generate(
                 input_ids=ids,
                 attention_mask=mask,
@@ -237,6 +260,7 @@ def score(model: Any, data: Requests, task: Any, spec: EvalSpec, desc: str) -> S
                 do_sample=False,
                 pad_token_id=pad_id,
                 eos_token_id=tokenizer.eos_token_id,
+                stopping_criteria=StoppingCriteriaList([stop]),
             )
         texts = tokenizer.batch_decode(out[:, ids.shape[1] :], skip_special_tokens=True)
         for i, text in zip(rows, texts, strict=True):
