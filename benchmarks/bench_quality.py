@@ -66,7 +66,7 @@ OUTPUT["all"] = ("quality_all", "## bench_quality: every method")
 
 METHOD_NOTES = """Our soft prompt against prompting, hard prompts, PEFT's prompt tuning and LoRA on two WordNet 3.0 noun
 tasks (Debian `wordnet-base`), several seeds (`benchmarks/bench_quality.py`; code in `benchmarks/quality/`; JSON,
-markdown and plot in `benchmarks/results/quality.*`; the lever sweep, partial so far, is the next section).
+markdown and plot in `benchmarks/results/quality.*`; the lever sweep is the next section).
 
 - Tasks. `supersense`: "lemma: gloss" -> one of 26 classes, scored by the argmax over the classes' first answer
   tokens (as the chat template writes an answer: no leading space) at the last position. `hypernym`: "lemma:
@@ -74,11 +74,12 @@ markdown and plot in `benchmarks/results/quality.*`; the lever sweep, partial so
   (lowercased, whitespace collapsed) of greedy `generate` output against every lemma of every direct hypernym;
   trained on the first lemma of the first hypernym. Each seed draws its own train / dev / test split (test carved
   first), demos, initialisation and data order.
-- Input: the chat template with an empty system turn, the example in the user turn (cut to 24 tokens), the
-  generation prompt. Zero-shot puts the task instruction before the example; few-shot adds k solved training
-  examples as earlier user/assistant turns (one per class: round-robin over the classes; best k: the k with the
-  best score on the seed's dev split among 26, 52 (supersense) and 4, 16 (hypernym) on CPU, also 104, 208 and 64,
-  256 on a GPU; all fit the 8,192-token context; `benchmarks/quality/defaults.py` says why CPU stops there). Hard prompts run through `decode.hard_prompt`: their keys/values are computed once, like a soft prompt's.
+- Input: the chat template with an empty system turn (our soft prompt's slot where it sits there), the example in
+  the user turn (cut to 16 tokens), the generation prompt. Zero-shot puts the task instruction before the example;
+  few-shot adds k solved training examples as earlier user/assistant turns (one per class: round-robin over the
+  classes; best k: k=52 (supersense) and k=16 (hypernym), the best mean dev score of a dev search over 26, 52 and 4,
+  16 at seeds 0-2; `--few-shot-k search` searches per seed, on a GPU also 104, 208 and 64, 256; all fit the
+  8,192-token context; `benchmarks/quality/defaults.py` says why CPU stops there). Hard prompts run through `decode.hard_prompt`: their keys/values are computed once, like a soft prompt's.
 - One budget for every trained method: the same steps, batch, seeded length-grouped batch order, loss on the
   answer only (the class's first token; or the answer's tokens and EOS), gradient clipping 1.0, bf16 autocast on
   CPU (float32 weights, prompt and logits). `ours_default` is the one configuration fixed before the run

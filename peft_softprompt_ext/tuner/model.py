@@ -363,6 +363,7 @@ class SoftPromptModel(PeftModel):
             self.__dict__["_capabilities"] = found
             model_type = getattr(self.base_model.config, "model_type", type(self.base_model).__name__)
             path = "shared prompt KV" if found.prefix_kv else "concatenation"
+            path += " (prefix-aware SDPA)" if found.prefix_attention else ""
             logger.info("Soft prompts on %s use %s: %s.", model_type, path, found.reason)
         return found
 
