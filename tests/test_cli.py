@@ -215,7 +215,16 @@ def test_ctrl_c_leaves_no_adapter(tiny_model_dir, jsonl, tmp_path):
         "cpu",
     ]
     with open(stderr_path, "w") as err:
-        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=err, text=True, env=_env())
+        # a suite started in the background (`cmd &`, nohup) hands its children SIGINT ignored, and Python then
+        # installs no KeyboardInterrupt handler: give the CLI the default disposition a terminal would
+        proc = subprocess.Popen(
+            argv,
+            stdout=subprocess.PIPE,
+            stderr=err,
+            text=True,
+            env=_env(),
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+        )
         try:
             deadline = time.monotonic() + 240
             while "train:" not in stderr_path.read_text():  # the training progress bar is up
