@@ -16,7 +16,8 @@ lower-right causal (plain causal, no padding, the 2-D mask covering every key); 
 lower-right causal attention: on CUDA with `torch.nn.attention.bias.causal_lower_right` (the flash kernel), on CPU
 with a boolean mask built once per shape and `enable_gqa`. A real mask (padding, windows) on CPU goes to SDPA with
 `enable_gqa`; everything else to transformers' own `sdpa_attention_forward`. The marker is passed to every layer
-as its mask.
+as its mask. On CPU a decoding step (one query row) that SDPA would run in bf16/fp16 runs in float32: torch's CPU
+kernel is several times slower on one reduced-precision row (`_decode_step`).
 
 `switched(base)` turns it on around one call of a model whose configs all say "sdpa"; the capability probe
 (`architecture.py`) decides per model whether it may, by comparing logits with and without it. Gradient
@@ -42,6 +43,7 @@ from .constants import PREFIX_ATTENTION_NAME, SDPA_NAME
 
 LOWER_RIGHT = torch.zeros(1, 1, 0, 0, dtype=torch.bool)  # "lower-right causal, no padding" (compared by identity)
 _GENERIC = ("softcap", "position_bias", "s_aux", "sinks")  # features only transformers' own function handles
+_REDUCED = (torch.bfloat16, torch.float16)
 
 
 @functools.lru_cache(maxsize=32)
@@ -96,6 +98,9 @@ def prefix_sdpa(
     lower_right = attention_mask is LOWER_RIGHT
     cpu = query.device.type == "cpu"
     generic = any(kwargs.get(name) is not None for name in _GENERIC)
+    reduced = _cpu_reduced_dtype(query) if cpu and not generic and query.shape[2] == 1 else None
+    if reduced is not None:
+        return _decode_step(module, query, key, value, attention_mask, dropout, scaling, reduced)
     if not lower_right and (attention_mask is None or not cpu or generic):
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs
@@ -115,6 +120,47 @@ def prefix_sdpa(
             query, key, value, attn_mask=mask, dropout_p=dropout, scale=scaling, enable_gqa=groups > 1
         )
     return out.transpose(1, 2).contiguous(), None
+
+
+def _cpu_reduced_dtype(query: torch.Tensor) -> torch.dtype | None:
+    """The bf16/fp16 dtype SDPA would run a CPU query in: its own, or autocast's (which casts SDPA's inputs; under
+    autocast RoPE hands over float32 queries), else None."""
+    if query.dtype in _REDUCED:
+        return query.dtype
+    if torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") in _REDUCED:
+        return torch.get_autocast_dtype("cpu")
+    return None
+
+
+def _decode_step(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float,
+    scaling: float | None,
+    dtype: torch.dtype,
+) -> tuple[torch.Tensor, None]:
+    """One query row (a decoding step) that SDPA would run in bf16/fp16 on CPU, computed in float32 and rounded
+    once to `dtype`: torch's CPU flash kernel runs a single reduced-precision query row up to 5x (bf16) and 10x
+    (fp16) slower than the same row in float32, and accumulates in float32 either way
+    (`benchmarks/bench_attention.py`). Autocast is off inside, or it would cast the inputs back."""
+    groups = getattr(module, "num_key_value_groups", 1)
+    mask = None if attention_mask is LOWER_RIGHT else attention_mask  # one query row sees every key
+    if mask is not None and mask.is_floating_point():
+        mask = mask.float()
+    with torch.autocast(device_type="cpu", enabled=False):
+        out = F.scaled_dot_product_attention(
+            query.float(),
+            key.float(),
+            value.float(),
+            attn_mask=mask,
+            dropout_p=dropout,
+            scale=scaling,
+            enable_gqa=groups > 1,
+        )
+    return out.to(dtype).transpose(1, 2).contiguous(), None
 
 
 @functools.cache

@@ -30,11 +30,13 @@ class SdpaCalls(TorchFunctionMode):
     def __init__(self) -> None:
         super().__init__()
         self.calls: list[tuple[int, bool, bool]] = []
+        self.queries: list[tuple[int, torch.dtype, bool]] = []  # query rows, dtype, autocast on
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is F.scaled_dot_product_attention:
             self.calls.append((args[1].shape[1], kwargs.get("attn_mask") is not None, bool(kwargs.get("enable_gqa"))))
+            self.queries.append((args[0].shape[2], args[0].dtype, torch.is_autocast_enabled("cpu")))
         return func(*args, **kwargs)
 
 
@@ -118,3 +120,44 @@ def test_switch_is_undone_when_the_call_fails():
         assert base.config._attn_implementation == PREFIX_ATTENTION_NAME
         raise RuntimeError("inside")
     assert base.config._attn_implementation == SDPA_NAME
+
+
+@pytest.mark.parametrize("how", ["autocast", "bf16 weights"])
+def test_decoding_steps_in_reduced_precision_run_in_float32(how):
+    """On CPU, a decoding step that SDPA would run in bf16 (autocast, or a bf16 model) gets float32 tensors with
+    autocast off (torch's CPU kernel is several times slower on one bf16 query row: `benchmarks/bench_attention.py`);
+    the prefill keeps the reduced-precision kernel. Padded and unpadded rows both take it."""
+    model = make()
+    if how == "bf16 weights":
+        model = model.to(torch.bfloat16)
+    padded, mask = tiny.left_pad([tiny.random_ids(1, 3)[0], tiny.random_ids(1, 6)[0]])
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=how == "autocast")
+    for kwargs in (
+        {"input_ids": padded[1:], "attention_mask": mask[1:]},
+        {"input_ids": padded, "attention_mask": mask},
+    ):
+        with torch.no_grad(), autocast, SdpaCalls() as sdpa:
+            model.generate(**kwargs, max_new_tokens=3, do_sample=False, pad_token_id=0)
+        steps = [(dtype, on) for rows, dtype, on in sdpa.queries if rows == 1]
+        layers = model.get_base_model().config.num_hidden_layers
+        assert len(steps) == 2 * layers and set(steps) == {(torch.float32, False)}
+        prefill = {(dtype, on) for rows, dtype, on in sdpa.queries if rows > 1}
+        assert prefill == ({(torch.float32, True)} if how == "autocast" else {(torch.bfloat16, False)})
+
+
+def test_decoding_step_is_float32_attention_rounded_once():
+    """The step's result is SDPA on the float32 tensors, rounded once to bf16: at least as close to float64 as the
+    bf16 kernel's, with and without a mask."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(3, h, t, 16, generator=g).to(torch.bfloat16) for h, t in ((4, 1), (2, 40), (2, 40)))
+    module = type("Attention", (), {"num_key_value_groups": 2})()
+    mask = torch.ones(3, 1, 1, 40, dtype=torch.bool)
+    mask[0, ..., :9] = False
+    for m in (None, mask):
+        got = attention.prefix_sdpa(module, q, k, v, m)[0].transpose(1, 2)
+        assert got.dtype == torch.bfloat16
+        exact = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=m, enable_gqa=True)
+        torch.testing.assert_close(got, exact.to(torch.bfloat16), rtol=0, atol=0)
+        double = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), attn_mask=m, enable_gqa=True)
+        kernel = F.scaled_dot_product_attention(q, k, v, attn_mask=m, enable_gqa=True)
+        assert (got.double() - double).abs().max() <= (kernel.double() - double).abs().max()
