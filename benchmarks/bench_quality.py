@@ -41,9 +41,9 @@ from typing import Any  # noqa: E402
 from benchmarks.common import cli, models, readme, report, workers  # noqa: E402
 from benchmarks.quality import methods as M  # noqa: E402
 from benchmarks.quality import summary as S  # noqa: E402
-from benchmarks.quality.cells import Settings, run_cell  # noqa: E402
+from benchmarks.quality.cells import Settings, run_cell, unit_order, units  # noqa: E402
 from benchmarks.quality.defaults import FEW_SHOT_CANDIDATES, FEW_SHOT_CPU_MAX_K, FEW_SHOT_K, OURS_DEFAULT  # noqa: E402
-from benchmarks.quality.tasks import RANK, TASKS  # noqa: E402
+from benchmarks.quality.tasks import TASKS  # noqa: E402
 
 logger = logging.getLogger("bench_quality")
 
@@ -132,7 +132,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--jobs",
         type=int,
         default=None,
-        help="worker processes over the (task, seed) cells (default on CPU: one 1-thread worker per thread)",
+        help="worker processes over the work: each method of each (task, seed) cell (default on CPU: one 1-thread worker per thread)",
     )
     return p.parse_args(argv)
 
@@ -252,16 +252,20 @@ def main(argv: list[str] | None = None) -> int:
     path = models.model_path(s.model)
     command = cli.command_line(SCRIPT, argv)
     cells = [(task_name, seed) for task_name in s.tasks for seed in s.seeds]
-    s.jobs = args.jobs or workers.default_jobs(s.device, len(cells), threads)
+    work = unit_order([(*cell, unit) for cell in cells for unit in units(s.methods)])
+    s.jobs = args.jobs or workers.default_jobs(s.device, len(work), threads)
     s.threads_per_job = workers.threads_per_job(threads, s.jobs)
-    longest_first = sorted(cells, key=lambda cell: TASKS[cell[0]].kind == RANK)  # generation costs more
     start = time.perf_counter()
     with machine.LoadMonitor() as load:
         done = workers.map_jobs(
-            run_cell, [(s, *cell, path) for cell in longest_first], s.jobs, s.threads_per_job, cli.quiet_libraries
+            run_cell,
+            [(s, t, seed, path, unit) for t, seed, unit in work],
+            s.jobs,
+            s.threads_per_job,
+            cli.quiet_libraries,
         )
-    by_cell = dict(zip(longest_first, done, strict=True))
-    results = [r for cell in cells for r in by_cell[cell]]
+    found = {(r.task, r.seed, r.method): r for unit_results in done for r in unit_results}
+    results = [found[(t, seed, m)] for t, seed in cells for m in s.methods if (t, seed, m) in found]
     seconds = time.perf_counter() - start
     info = {**machine.machine_info(s.device), "model_name": s.model or "SmolLM2-135M-Instruct (bundled, float32)"}
     summary = S.summarize(results, task_meta(s, results))

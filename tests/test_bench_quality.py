@@ -134,9 +134,12 @@ def test_default_suite_is_the_goal_set(bench):
 
 
 def test_same_command_same_scores(bench, tiny_model_dir, wordnet_file, tmp_path):
-    """Deterministic data order, seeds and kernels: a rerun reproduces every per-example result, also when the cells
-    run in worker processes (two workers with one thread each against this process with one thread)."""
-    argv = ["--task", "hypernym", "--seeds", "1,0", "--methods", "zero_shot,ours_default,lora"]
+    """Deterministic data order, seeds and kernels: a rerun reproduces every per-example result, also when each
+    method runs in a worker process of its own (two workers with one thread each against this process with one
+    thread; `decoded_nearest` runs where `ours_default` trained its prompt)."""
+    methods = "zero_shot,ours_default,decoded_nearest,lora"
+    assert bench.units(methods.split(",")) == [("zero_shot",), ("ours_default", "decoded_nearest"), ("lora",)]
+    argv = ["--task", "hypernym", "--seeds", "1,0", "--methods", methods]
     runs = []
     for name, parallel in (("a", ["--jobs", "1", "--threads", "1"]), ("b", ["--jobs", "2", "--threads", "2"])):
         assert bench.main(quick(tiny_model_dir, wordnet_file, tmp_path / name, *argv, *parallel)) == 0
@@ -144,7 +147,7 @@ def test_same_command_same_scores(bench, tiny_model_dir, wordnet_file, tmp_path)
         assert (report["settings"]["jobs"], report["settings"]["threads_per_job"]) == (int(parallel[1]), 1)
         runs.append([(r["seed"], r["method"], r["correct"], r["losses"]) for r in report["results"]])
     assert runs[0] == runs[1]
-    assert [seed for seed, *_ in runs[0]] == [1, 1, 1, 0, 0, 0]  # the order of --seeds, whoever ran them
+    assert [(seed, method) for seed, method, *_ in runs[0]] == [(s, m) for s in (1, 0) for m in methods.split(",")]
 
 
 def test_sweep_rows_merge(bench, tiny_model_dir, wordnet_file, tmp_path):

@@ -11,7 +11,7 @@ from typing import Any
 from ..common import models
 from . import methods as M
 from .defaults import LORA_RECIPE, OURS_DEFAULT, PEFT_DEFAULTS_RECIPE
-from .tasks import RANK, Formatter, load_task
+from .tasks import RANK, TASKS, Formatter, load_task
 
 logger = logging.getLogger("bench_quality")
 
@@ -73,8 +73,33 @@ def _peft_init(spec: M.SoftSpec) -> str:
     return {"text": "text", "vocab": "sample_vocab"}.get(spec.init, "random")
 
 
-def run_cell(s: Settings, task_name: str, seed: int, path: str) -> list[M.MethodResult]:
-    """Every method of one task at one seed (a worker's unit of work: it loads its own tokenizer)."""
+# Methods that need another's trained model in the same process (`run.kept`): they run in its unit.
+NEEDS = {"decoded_nearest": "ours_default"}
+TRAINED = ("ours_default", "pez_hard_prompt", "ours_prepend", "peft_pt_defaults", "peft_pt_tuned", "lora")
+
+
+def units(methods: list[str]) -> list[tuple[str, ...]]:
+    """The methods of one (task, seed) cell as independent pieces of work, so that workers share a run evenly
+    (whole cells leave one worker idle for a third of it): each method alone, with the methods that need it
+    (`NEEDS`). Every method loads a fresh base and seeds itself, so its results don't depend on its company."""
+    grouped = {m: [m] for m in methods if NEEDS.get(m) not in methods}
+    for m in methods:
+        if NEEDS.get(m) in methods:
+            grouped[NEEDS[m]].append(m)
+    return [tuple(group) for group in grouped.values()]
+
+
+def unit_order(work: list[tuple[str, int, tuple[str, ...]]]) -> list[tuple[str, int, tuple[str, ...]]]:
+    """Longest first (how workers should take them): generation tasks, then trained methods, then the rest."""
+    return sorted(work, key=lambda w: (TASKS[w[0]].kind == RANK, w[2][0] not in TRAINED))
+
+
+def run_cell(
+    s: Settings, task_name: str, seed: int, path: str, methods: tuple[str, ...] | None = None
+) -> list[M.MethodResult]:
+    """`methods` (default: all of `s.methods`) on one task at one seed, in that order (a worker's unit of work: it
+    loads its own tokenizer)."""
+    s = replace(s, methods=list(methods or s.methods))
     run = build_run(s, task_name, seed, models.load_tokenizer(path), path)
     results = []
     for name in s.methods:

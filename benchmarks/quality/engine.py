@@ -17,7 +17,7 @@ import contextlib
 import random
 import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -233,9 +233,31 @@ class CannotMatch(StoppingCriteria):
         return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
 
 
+@contextlib.contextmanager
+def weights_cast_once(model: torch.nn.Module) -> Iterator[None]:
+    """Under no_grad: mark the frozen weights as requiring grad for the block, so bf16 autocast casts each of them
+    once and reuses the copy (autocast caches casts of leaf tensors that require grad, for as long as its outermost
+    context lasts) instead of casting all of them again at every decoding step. The casts are the same, so are the
+    results; no graph is built under no_grad."""
+    frozen = [p for p in model.parameters() if not p.requires_grad and p.is_floating_point()]
+    for p in frozen:
+        p.requires_grad_(True)
+    try:
+        yield
+    finally:
+        for p in frozen:
+            p.requires_grad_(False)
+
+
 @torch.no_grad()
 def score(model: Any, data: Requests, task: Any, spec: EvalSpec, desc: str) -> Scored:
-    """Ranking accuracy or generation exact match on `data` (see the module docstring)."""
+    """Ranking accuracy or generation exact match on `data` (see the module docstring), under one autocast
+    context for the whole split (`weights_cast_once`)."""
+    with weights_cast_once(model), autocast(spec.device, spec.amp):
+        return _score(model, data, task, spec, desc)
+
+
+def _score(model: Any, data: Requests, task: Any, spec: EvalSpec, desc: str) -> Scored:
     model.eval()
     order = sorted(range(len(data.ids)), key=lambda i: len(data.ids[i]))
     correct = [False] * len(order)
@@ -245,23 +267,22 @@ def score(model: Any, data: Requests, task: Any, spec: EvalSpec, desc: str) -> S
     chunks = [order[s : s + batch] for s in range(0, len(order), batch)]
     for rows in tqdm(chunks, desc=f"eval {desc}", leave=False, file=sys.stderr, disable=not spec.progress):
         ids, mask = pad_left([data.ids[i] for i in rows], pad_id, spec.device)
-        with autocast(spec.device, spec.amp):
-            if classes is not None:
-                logits = model(input_ids=ids, attention_mask=mask, logits_to_keep=1).logits[:, -1]
-                pred = logits[:, classes].argmax(-1).tolist()
-                for i, p in zip(rows, pred, strict=True):
-                    correct[i] = p == data.rows[i].gold
-                continue
-            stop = CannotMatch(tokenizer, ids.shape[1], [data.rows[i].example for i in rows])
-            out = model.generate(
-                input_ids=ids,
-                attention_mask=mask,
-                max_new_tokens=task.max_new_tokens,
-                do_sample=False,
-                pad_token_id=pad_id,
-                eos_token_id=tokenizer.eos_token_id,
-                stopping_criteria=StoppingCriteriaList([stop]),
-            )
+        if classes is not None:
+            logits = model(input_ids=ids, attention_mask=mask, logits_to_keep=1).logits[:, -1]
+            pred = logits[:, classes].argmax(-1).tolist()
+            for i, p in zip(rows, pred, strict=True):
+                correct[i] = p == data.rows[i].gold
+            continue
+        stop = CannotMatch(tokenizer, ids.shape[1], [data.rows[i].example for i in rows])
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=task.max_new_tokens,
+            do_sample=False,
+            pad_token_id=pad_id,
+            eos_token_id=tokenizer.eos_token_id,
+            stopping_criteria=StoppingCriteriaList([stop]),
+        )
         texts = tokenizer.batch_decode(out[:, ids.shape[1] :], skip_special_tokens=True)
         for i, text in zip(rows, texts, strict=True):
             outputs[i] = text

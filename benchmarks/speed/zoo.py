@@ -56,13 +56,15 @@ class Zoo:
 def set_checkpointing(net: nn.Module, on: bool) -> None:
     """Gradient checkpointing of the transformers model inside `net` (non-reentrant, transformers' default)."""
     inner = net.get_base_model() if hasattr(net, "get_base_model") else net
-    new_name = hasattr(type(inner), "is_activation_checkpointing")  # the old name warns in transformers 5.2x
+    new_name = hasattr(type(inner), "is_activation_checkpointing")  # the old names warn in transformers 5.2x
     if (inner.is_activation_checkpointing if new_name else inner.is_gradient_checkpointing) == on:
         return
+    prefix = "activation" if new_name else "gradient"
     if on:
-        inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        kwargs = {f"{prefix}_checkpointing_kwargs": {"use_reentrant": False}}
+        getattr(inner, f"{prefix}_checkpointing_enable")(**kwargs)
     else:
-        inner.gradient_checkpointing_disable()
+        getattr(inner, f"{prefix}_checkpointing_disable")()
 
 
 def build_lora(base: nn.Module, s: Settings) -> tuple[nn.Module | None, list[str]]:
