@@ -17,7 +17,7 @@ lower-right causal attention: on CUDA with `torch.nn.attention.bias.causal_lower
 with a boolean mask built once per shape and `enable_gqa`. A real mask (padding, windows) on CPU goes to SDPA with
 `enable_gqa`; everything else to transformers' own `sdpa_attention_forward`. The marker is passed to every layer
 as its mask. On CPU a decoding step (one query row) that SDPA would run in bf16/fp16 runs in float32: torch's CPU
-kernel is several times slower on one reduced-precision row (`_decode_step`).
+kernel is several times slower on one reduced-precision row (`_cpu_sdpa`).
 
 `switched(base)` turns it on around one call of a model whose configs all say "sdpa"; the capability probe
 (`architecture.py`) decides per model whether it may, by comparing logits with and without it. Gradient
@@ -99,9 +99,7 @@ def prefix_sdpa(
     cpu = query.device.type == "cpu"
     generic = any(kwargs.get(name) is not None for name in _GENERIC)
     reduced = _cpu_reduced_dtype(query) if cpu and not generic and query.shape[2] == 1 else None
-    if reduced is not None:
-        return _decode_step(module, query, key, value, attention_mask, dropout, scaling, reduced)
-    if not lower_right and (attention_mask is None or not cpu or generic):
+    if not lower_right and reduced is None and (attention_mask is None or not cpu or generic):
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs
         )
@@ -116,9 +114,7 @@ def prefix_sdpa(
         out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=dropout, scale=scaling)
     else:
         mask = _lower_right(q_len, kv_len, str(query.device)) if lower_right else attention_mask
-        out = F.scaled_dot_product_attention(
-            query, key, value, attn_mask=mask, dropout_p=dropout, scale=scaling, enable_gqa=groups > 1
-        )
+        out = _cpu_sdpa(query, key, value, mask, dropout, scaling, groups, reduced)
     return out.transpose(1, 2).contiguous(), None
 
 
@@ -132,35 +128,30 @@ def _cpu_reduced_dtype(query: torch.Tensor) -> torch.dtype | None:
     return None
 
 
-def _decode_step(
-    module: nn.Module,
+def _cpu_sdpa(
     query: torch.Tensor,
     key: torch.Tensor,
     value: torch.Tensor,
-    attention_mask: torch.Tensor | None,
+    mask: torch.Tensor | None,
     dropout: float,
     scaling: float | None,
-    dtype: torch.dtype,
-) -> tuple[torch.Tensor, None]:
-    """One query row (a decoding step) that SDPA would run in bf16/fp16 on CPU, computed in float32 and rounded
-    once to `dtype`: torch's CPU flash kernel runs a single reduced-precision query row up to 5x (bf16) and 10x
-    (fp16) slower than the same row in float32, and accumulates in float32 either way
-    (`benchmarks/bench_attention.py`). Autocast is off inside, or it would cast the inputs back."""
-    groups = getattr(module, "num_key_value_groups", 1)
-    mask = None if attention_mask is LOWER_RIGHT else attention_mask  # one query row sees every key
+    groups: int,
+    reduced: torch.dtype | None,
+) -> torch.Tensor:
+    """SDPA on CPU with the unrepeated key/value heads (`enable_gqa`). `reduced` (a decoding step that SDPA would
+    run in bf16/fp16): computed in float32 and rounded once to that dtype, since torch's CPU flash kernel runs a
+    single reduced-precision query row up to 5x (bf16) and 10x (fp16) slower than the same row in float32 and
+    accumulates in float32 either way (`benchmarks/bench_attention.py`); autocast is off there, or it would cast
+    the inputs back."""
+    if reduced is None:
+        return F.scaled_dot_product_attention(
+            query, key, value, attn_mask=mask, dropout_p=dropout, scale=scaling, enable_gqa=groups > 1
+        )
     if mask is not None and mask.is_floating_point():
         mask = mask.float()
     with torch.autocast(device_type="cpu", enabled=False):
-        out = F.scaled_dot_product_attention(
-            query.float(),
-            key.float(),
-            value.float(),
-            attn_mask=mask,
-            dropout_p=dropout,
-            scale=scaling,
-            enable_gqa=groups > 1,
-        )
-    return out.to(dtype).transpose(1, 2).contiguous(), None
+        out = _cpu_sdpa(query.float(), key.float(), value.float(), mask, dropout, scaling, groups, None)
+    return out.to(reduced)
 
 
 @functools.cache
