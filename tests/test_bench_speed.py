@@ -51,6 +51,8 @@ def smoke(bench, tiny_dir, tmp_path_factory):
         "3",
         "--threads",
         "1",
+        "--jobs",
+        "2",
     ]
     argv += ["--methods", "bare", "lora", "peft_pt", "ours_shared", "ours_concat"]
     results = bench.main(argv + ["--out-dir", str(out), "--name", "speed_smoke"])
@@ -80,8 +82,14 @@ def test_bench_writes_json_markdown_and_plot(smoke):
     trains = [r for r in records if r["kind"] == "train"]
     assert len(trains) == 1 + 3 * 2  # lora + 3 prompt methods x 2 prompt lengths
     assert len([r for r in records if r["kind"] == "train_gc"]) == 1 + 2 * 2
-    for r in records:
-        assert 1 <= len(r["times_s"]) == len(r["cpu_times_s"]) <= 2 and r["flops"] > 0 and r["ops"] > 0
+    assert data["settings"]["jobs"] == 2 and data["machine"]["allocator"] == {
+        "M_MMAP_MAX": 0,
+        "M_TRIM_THRESHOLD": 2**31 - 1,
+    }
+    for r in records:  # two measuring processes, 1-2 rounds each, pooled in process order
+        assert 2 <= len(r["times_s"]) == len(r["cpu_times_s"]) == len(r["process"]) <= 4
+        assert r["process"] == sorted(r["process"]) and set(r["process"]) == {0, 1}
+        assert r["flops"] > 0 and r["ops"] > 0
         if r["kind"].startswith("train"):
             assert r["step_peak_bytes"] > 0 and r["total_peak_bytes"] > r["step_peak_bytes"]
     system = {r["method"] for r in records if r["kind"] == "system"}
@@ -99,8 +107,9 @@ def test_bench_writes_json_markdown_and_plot(smoke):
     assert {r["P"] for r in shared} == {3, 5}
     for r in ratios:
         for clock in ("cpu", "wall"):
-            spread = r[clock]
+            spread, medians = r[clock], r["by_process"][clock]
             assert spread["min"] <= spread["median"] <= spread["max"] and isinstance(spread["noisy"], bool)
+            assert len(medians) == 2 and all(spread["min"] <= m <= spread["max"] for m in medians)
     assert any(r["against"] == "ours_concat" and r["kind"] == "train_gc" for r in ratios)
     # no P=20 in this grid: no training target, but every other target is there
     targets = {t["target"].split(" ×")[0] for t in data["targets"]}
@@ -129,7 +138,9 @@ def test_quick_grid_and_readme_rules(bench):
     settings, _ = bench.parse_args(["--quick"])
     assert (settings.prompt_lengths, settings.batch_sizes, settings.seq_lengths) == ([20], [8], [64])
     assert settings.name == "speed_quick" and settings.quick
-    assert (settings.min_rounds, settings.rounds, settings.max_group_seconds) == (5, 15, 25)
+    assert (settings.min_rounds, settings.rounds, settings.max_group_seconds) == (7, 15, 25)
+    assert settings.jobs == bench.default_jobs("cpu", 1) >= 1 and bench.parse_args(["--jobs", "3"])[0].jobs == 3
+    assert bench.default_jobs("cuda", 1) == 1
     assert "peft_pt" not in settings.methods and {"lora", "ours_shared", "ours_concat", "bare"} <= set(settings.methods)
     assert "peft_pt" in bench.parse_args(["--quick", "--methods", "lora", "peft_pt"])[0].methods
     assert settings.threads == 1 and settings.checkpointing and settings.system_tokens == 200
@@ -173,3 +184,40 @@ def test_common_interleaving_and_spread():
     spread = measure.Spread.of([1.0, 1.2, 0.9])
     assert (spread.min, spread.median, spread.max) == (0.9, 1.0, 1.2) and spread.noisy()
     assert not measure.Spread.of([1.0, 1.05]).noisy()
+
+
+ALLOCATOR_PROBE = """
+import json, resource, sys
+sys.path.insert(0, sys.argv[1])
+from benchmarks.common import machine
+settings = machine.steady_allocator() if sys.argv[2] == "steady" else {}
+import torch
+torch.manual_seed(0)
+net = torch.nn.Sequential(torch.nn.Linear(256, 2048), torch.nn.GELU(), torch.nn.Linear(2048, 256))
+x = torch.randn(4096, 256)  # 32 MB activations: above glibc's mmap threshold
+faults = []
+for _ in range(10):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    net(x).square().mean().backward()
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(json.dumps({"settings": settings, "faults": faults, "allocator": machine.machine_info()["allocator"]}))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt and minor-fault counts")
+def test_steady_allocator_stops_refaulting_freed_memory():
+    """Training steps of an MLP with 32 MB activations: by default every step faults its activations' pages in
+    afresh; once the allocator keeps freed memory, steps after the first two fault (almost) none (a fresh process
+    each way: mallopt is process-wide)."""
+    import subprocess
+
+    def probe(mode):
+        command = [sys.executable, "-c", ALLOCATOR_PROBE, str(ROOT), mode]
+        return json.loads(subprocess.run(command, capture_output=True, text=True, check=True).stdout)
+
+    default, steady = probe("default"), probe("steady")
+    block_pages = 32 * 2**20 // 4096
+    assert default["allocator"] == "default" and all(f >= block_pages for f in default["faults"])
+    assert steady["settings"] == steady["allocator"] == {"M_MMAP_MAX": 0, "M_TRIM_THRESHOLD": 2**31 - 1}
+    # after two steps the heap has grown to the step's size; at most a block's worth more now and then
+    assert sum(steady["faults"][2:]) <= 2 * block_pages < sum(default["faults"][2:]) / 4

@@ -27,10 +27,18 @@ API:
 - `LoadMonitor(interval_s=5.0)`: context manager sampling ``os.getloadavg()`` in a daemon thread; `summary()`
   returns ``{"start": [1, 5, 15 min], "end": [...], "during_1min": {"min", "median", "max", "n"}}``.
 - `load_average()`: the current (1, 5, 15) load averages as a list, or None where the OS has none.
+- `usable_cpus()`: the CPUs this process may run on.
+- `steady_allocator()`: on glibc, keep freed memory in the process (``mallopt``: no mmap, no trim), so a training
+  step reuses its pages instead of faulting ~100,000 fresh ones in (SmolLM2-135M, B=8, L=64, fp32: 98,000-111,000
+  minor faults per LoRA step, varying step to step and with the allocator's history; 0 in steady state with it,
+  except when fragmentation grows the heap once more). Returns what it
+  set ({} where it is not glibc); `machine_info` reports it as ``allocator``.
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import os
 import platform
 import statistics
@@ -38,7 +46,19 @@ import threading
 import time
 from typing import Any
 
-__all__ = ["LoadMonitor", "device_label", "load_average", "machine_info", "prepare_environment", "set_threads"]
+__all__ = [
+    "LoadMonitor",
+    "device_label",
+    "load_average",
+    "machine_info",
+    "prepare_environment",
+    "set_threads",
+    "steady_allocator",
+    "usable_cpus",
+]
+
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # glibc's mallopt parameter numbers (malloc.h)
+_allocator: dict[str, int] = {}
 
 
 def prepare_environment(offline: bool = True) -> None:
@@ -60,6 +80,26 @@ def set_threads(n: int | None) -> int:
     except RuntimeError:  # already set, or parallel work already ran: keep what is there
         pass
     return torch.get_num_threads()
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask where the OS has one)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def steady_allocator() -> dict[str, int]:
+    """Timings on CPU without page-fault noise: glibc hands blocks above its (adaptive) mmap threshold back to the
+    OS on free, so every step faults them in again, at a cost that depends on the process's history. Call before
+    the work; idempotent."""
+    name = ctypes.util.find_library("c")
+    if _allocator or name is None or platform.libc_ver()[0] != "glibc":
+        return dict(_allocator)
+    libc = ctypes.CDLL(name)
+    settings = {"M_MMAP_MAX": (_M_MMAP_MAX, 0), "M_TRIM_THRESHOLD": (_M_TRIM_THRESHOLD, 2**31 - 1)}
+    for key, (param, value) in settings.items():
+        if libc.mallopt(param, ctypes.c_int(value)) == 1:
+            _allocator[key] = value
+    return dict(_allocator)
 
 
 def load_average() -> list[float] | None:
@@ -97,7 +137,7 @@ def machine_info(device: Any = "cpu") -> dict[str, Any]:
     info: dict[str, Any] = {
         "cpu": _cpu_model(),
         "cpu_count": os.cpu_count(),
-        "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "cpus_usable": usable_cpus(),
         "torch_threads": torch.get_num_threads(),
         "platform": platform.platform(),
         "python": platform.python_version(),
@@ -105,6 +145,7 @@ def machine_info(device: Any = "cpu") -> dict[str, Any]:
         "device": str(device),
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
         "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+        "allocator": dict(_allocator) or "default",
     }
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)

@@ -56,6 +56,7 @@ __all__ = [
     "count_work",
     "interleaved",
     "paired_ratio",
+    "paired_ratios",
     "persistent_bytes",
     "profile_table",
     "seeded",
@@ -167,9 +168,14 @@ def spread(samples: Sequence[Sample], clock: str = "wall") -> Spread | None:
     return Spread.of(s.clock(clock) for s in samples)
 
 
+def paired_ratios(num: Sequence[Sample], den: Sequence[Sample], clock: str = "wall") -> list[float]:
+    """num / den round by round (the two were timed in the same rounds)."""
+    return [a.clock(clock) / b.clock(clock) for a, b in zip(num, den, strict=True) if b.clock(clock) > 0]
+
+
 def paired_ratio(num: Sequence[Sample], den: Sequence[Sample], clock: str = "wall") -> Spread | None:
-    """num / den round by round (the two were timed in the same rounds), as a Spread over the rounds."""
-    return Spread.of(a.clock(clock) / b.clock(clock) for a, b in zip(num, den, strict=False) if b.clock(clock) > 0)
+    """`paired_ratios` as a Spread over the rounds."""
+    return Spread.of(paired_ratios(num, den, clock))
 
 
 # ------------------------------------------------------------------------------------------------------------ memory

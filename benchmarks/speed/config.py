@@ -52,6 +52,7 @@ class Settings:
     lora_targets: list[str] | None = None
     lr: float = 1e-3
     threads: int | None = 1
+    jobs: int = 1  # measuring processes, each on its own core(s), running the whole plan; rounds pooled
     seed: int = 0
     memory: bool = True
     out_dir: str = str(RESULTS_DIR)

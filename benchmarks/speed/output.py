@@ -130,13 +130,14 @@ def targets_table(results: dict[str, Any], clock: str) -> str:
             t["where"],
             report.fmt(t["value"], ".3f") + (" ⚠" if t["noisy"] else ""),
             report.fmt(t["other_clock"], ".3f"),
+            " / ".join(report.fmt(m, ".3f") for m in t.get("by_process") or []) or "—",
             report.fmt(t["flops"], ".3f"),
             "—" if t["met"] is None else ("yes" if t["met"] else "NO"),
         ]
         for t in results["targets"]
     ]
-    headers = ["target", "where", f"value ({clock})", "other clock", "FLOP ratio", "met"]
-    return report.md_table(headers, body, "llrrrl")
+    headers = ["target", "where", f"value ({clock})", "other clock", "per process", "FLOP ratio", "met"]
+    return report.md_table(headers, body, "llrrrrl")
 
 
 def _mb(n: int | None) -> float | None:
@@ -152,12 +153,16 @@ def markdown(results: dict[str, Any]) -> str:
         data=results["inputs"],
         steps=f"grid P={s['prompt_lengths']}, B={s['batch_sizes']}, L={s['seq_lengths']}; {s['warmup']} warm-up run "
         f"per task (instrumented: FLOPs, ops, memory), then {s['min_rounds']}-{s['rounds']} interleaved rounds per "
-        f"group (no new round after {s['max_group_seconds']} s of timed runs); wall time {results['wall_seconds']:.0f} s",
+        f"group (no new round after {s['max_group_seconds']} s of timed runs) in each of {s.get('jobs', 1)} measuring "
+        f"process(es), rounds pooled; wall time {results['wall_seconds']:.0f} s",
         seed=s["seed"],
         machine=results["machine"],
         load=results["load"],
         extra=[
-            f"- ratios: median (min–max) over rounds of per-round ratios; ⚠ = rounds span > {measure.NOISY:.0%} of "
+            f"- allocator: {results['machine'].get('allocator', 'default')} (glibc mallopt: freed memory stays "
+            "in the process)",
+            f"- ratios: median (min–max) over rounds of per-round ratios; per process: each measuring process's "
+            f"median; ⚠ = rounds span > {measure.NOISY:.0%} of "
             f"the median; targets judged by {clock} time; time/FLOPs = time ratio over FLOP ratio (✗: off by more "
             f"than {FLOP_TOLERANCE:.0%}); train = zero_grad + forward + backward + AdamW (lr {s['lr']}); LoRA "
             f"r={s['lora_r']} on {results['lora_targets']}; checkpointed = gradient checkpointing (non-reentrant) "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import statistics
 from typing import Any
 
 from benchmarks.common import measure, report
@@ -9,8 +10,25 @@ from benchmarks.common import measure, report
 from .config import AGREE, REFERENCES, TARGETS
 
 
-def _samples(record: dict[str, Any]) -> list[measure.Sample]:
-    return [measure.Sample(w, c) for w, c in zip(record["times_s"], record["cpu_times_s"], strict=True)]
+def _samples(record: dict[str, Any], process: int | None = None) -> list[measure.Sample]:
+    """The record's timed runs (those of one measuring process, or all of them in process order)."""
+    runs = zip(record["times_s"], record["cpu_times_s"], _processes(record), strict=True)
+    return [measure.Sample(w, c) for w, c, p in runs if process is None or p == process]
+
+
+def _processes(record: dict[str, Any]) -> list[int]:
+    return record.get("process") or [0] * len(record["times_s"])
+
+
+def _paired(num: dict[str, Any], den: dict[str, Any], clock: str) -> tuple[measure.Spread | None, list[float]]:
+    """Per-round ratios pooled over the measuring processes (rounds pair within a process), and each process's
+    median: a shift between processes shows as medians that disagree."""
+    pooled, medians = [], []
+    for process in sorted(set(_processes(num))):
+        values = measure.paired_ratios(_samples(num, process), _samples(den, process), clock)
+        pooled += values
+        medians.append(statistics.median(values) if values else None)
+    return measure.Spread.of(pooled), medians
 
 
 def div(a: float | None, b: float | None) -> float | None:
@@ -18,9 +36,10 @@ def div(a: float | None, b: float | None) -> float | None:
 
 
 def compare(mine: dict[str, Any], ref: dict[str, Any], throughput: bool, against: str) -> dict[str, Any]:
-    """One ratio, mine over ref, round by round (throughput: ref time over mine), with its spread per clock, the
-    FLOP and op ratios, and memory ratios where both have them."""
-    num, den = (_samples(ref), _samples(mine)) if throughput else (_samples(mine), _samples(ref))
+    """One ratio, mine over ref, round by round (throughput: ref time over mine), with its spread per clock (and
+    each measuring process's median), the FLOP and op ratios, and memory ratios where both have them."""
+    num, den = (ref, mine) if throughput else (mine, ref)
+    (cpu, cpu_by_process), (wall, wall_by_process) = _paired(num, den, "cpu"), _paired(num, den, "wall")
     out: dict[str, Any] = {
         "kind": mine["kind"],
         "method": mine["method"],
@@ -29,8 +48,9 @@ def compare(mine: dict[str, Any], ref: dict[str, Any], throughput: bool, against
         "L": mine["L"],
         "against": against,
         "throughput": throughput,
-        "cpu": measure.paired_ratio(num, den, "cpu"),
-        "wall": measure.paired_ratio(num, den, "wall"),
+        "cpu": cpu,
+        "wall": wall,
+        "by_process": {"cpu": cpu_by_process, "wall": wall_by_process},
         "seconds": measure.spread(_samples(mine), "wall"),
         "flops": div(ref["flops"], mine["flops"]) if throughput else div(mine["flops"], ref["flops"]),
         "ops": mine["ops"],
@@ -109,6 +129,7 @@ def check_targets(rows: list[dict[str, Any]], clock: str = "cpu") -> list[dict[s
                     "flops": r["flops"] if fixed is None else None,
                     "met": met,
                     "noisy": fixed is None and r[clock] is not None and r[clock].noisy(),
+                    "by_process": None if fixed is not None else r.get("by_process", {}).get(clock),
                 }
             )
     return out

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from benchmarks.common import machine, measure, models
+from benchmarks.common import cli, machine, measure, models, workers
 
 from .config import CHECKPOINTED, PROMPT_METHODS, TRAINABLE, Settings
 from .summary import check_targets, headline, judged_clock, ratios
@@ -255,16 +255,18 @@ def plan(zoo: Zoo, s: Settings, device: Any, pad_id: int) -> list[Group]:
 # ------------------------------------------------------------------------------------------------------------ the run
 
 
-def instrument(task: Task, s: Settings, memory: bool) -> dict[str, Any]:
-    """`s.warmup` plain runs, then untimed runs measuring FLOPs and aten ops and, for training with --memory, peak
-    memory (a run of its own: the counting modes change what a checkpointed step keeps alive, +80 MB for ours at
-    B=8, L=64). Never the very first run: that one pays one-offs no timed run pays (our wrappers probe the
-    architecture on their first forward, 3x a step's ops; the first inference run builds the compiled prompt cache)."""
+def instrument(task: Task, s: Settings, count: bool, memory: bool) -> dict[str, Any]:
+    """`s.warmup` plain runs, then untimed runs measuring FLOPs and aten ops (`count`) and, for training with
+    `memory`, peak memory (a run of its own: the counting modes change what a checkpointed step keeps alive, +80 MB
+    for ours at B=8, L=64). Never the very first run: that one pays one-offs no timed run pays (our wrappers probe
+    the architecture on their first forward, 3x a step's ops; the first inference run builds the compiled prompt
+    cache)."""
     task.prepare()
     for _ in range(max(s.warmup, 1)):
         task.fn()
     record: dict[str, Any] = {}
-    record["flops"], record["ops"] = measure.count_work(task.fn)
+    if count:
+        record["flops"], record["ops"] = measure.count_work(task.fn)
     if memory and task.memory_of is not None:
         net, optimizer = task.memory_of
         record["persistent_bytes"] = measure.persistent_bytes(net, optimizer)
@@ -273,8 +275,22 @@ def instrument(task: Task, s: Settings, memory: bool) -> dict[str, Any]:
     return record
 
 
-def run_group(group: Group, s: Settings, progress: Any) -> list[dict[str, Any]]:
-    records = [{**task.key, **instrument(task, s, s.memory)} for task in group.tasks]
+@dataclass(frozen=True)
+class Duties:
+    """What one measuring process instruments besides timing. With several processes the untimed runs are split
+    (FLOPs and ops are deterministic, memory is per process), so each spends more of its time on timed rounds."""
+
+    index: int
+    count: bool
+    memory: bool
+
+    @classmethod
+    def of(cls, index: int, s: Settings) -> Duties:
+        return cls(index, count=index == 0, memory=s.memory and index == min(1, s.jobs - 1))
+
+
+def run_group(group: Group, s: Settings, duties: Duties, progress: Any) -> list[dict[str, Any]]:
+    records = [{**task.key, **instrument(task, s, duties.count, duties.memory)} for task in group.tasks]
     progress.update(len(group.tasks))
     samples = measure.interleaved(
         [t.fn for t in group.tasks],
@@ -288,45 +304,87 @@ def run_group(group: Group, s: Settings, progress: Any) -> list[dict[str, Any]]:
     for record, runs in zip(records, samples, strict=True):
         record["times_s"] = [x.wall for x in runs]
         record["cpu_times_s"] = [x.cpu for x in runs]
+        record["process"] = [duties.index] * len(runs)
     return records
 
 
-def run(s: Settings) -> dict[str, Any]:
-    """Run the whole benchmark and return the results dictionary (`main` writes it to disk)."""
+def measure_process(s: Settings, index: int) -> dict[str, Any]:
+    """Everything one measuring process does: load the model, build the zoo, time every group. Process `index` of
+    `s.jobs` (each runs the whole plan on its own core; `run` pools their rounds)."""
     from tqdm.auto import tqdm
 
+    machine.steady_allocator()
     threads = machine.set_threads(s.threads)
     torch.manual_seed(s.seed)
-    with machine.LoadMonitor() as load:
-        started = time.time()
-        loaded = models.load_causal_lm(s.model, s.dtype, s.device)
-        zoo = build_zoo(loaded, s)
-        groups = plan(zoo, s, s.device, models.pad_token_id(zoo.base.config, zoo.tokenizer))
-        total = sum(len(g.tasks) * (1 + s.rounds) for g in groups)
-        records: list[dict[str, Any]] = []
-        with tqdm(total=total, desc="bench_speed", unit="run", file=sys.stderr, dynamic_ncols=True) as progress:
-            for group in groups:
-                progress.set_postfix_str(group.name)
-                for net in (*zoo.wrappers(), zoo.base):
-                    net.train(group.training)
-                with torch.set_grad_enabled(group.training):
-                    records += run_group(group, s, progress)
-        zoo.configure("bare")
-        wall = time.time() - started
-    results = {
-        "benchmark": "bench_speed",
+    loaded = models.load_causal_lm(s.model, s.dtype, s.device)
+    zoo = build_zoo(loaded, s)
+    groups = plan(zoo, s, s.device, models.pad_token_id(zoo.base.config, zoo.tokenizer))
+    duties = Duties.of(index, s)
+    total = sum(len(g.tasks) * (1 + s.rounds) for g in groups)
+    records: list[dict[str, Any]] = []
+    desc = "bench_speed" if s.jobs == 1 else f"bench_speed {index + 1}/{s.jobs}"
+    with tqdm(total=total, desc=desc, unit="run", file=sys.stderr, dynamic_ncols=True, position=index) as progress:
+        for group in groups:
+            progress.set_postfix_str(group.name)
+            for net in (*zoo.wrappers(), zoo.base):
+                net.train(group.training)
+            with torch.set_grad_enabled(group.training):
+                records += run_group(group, s, duties, progress)
+    zoo.configure("bare")
+    return {
         "model": loaded.name,
         "model_parameters": sum(p.numel() for p in zoo.base.parameters()),
-        "settings": asdict(s),
         "lora_targets": zoo.lora_targets,
-        "inputs": "uniform random token ids above the special ids, no padding, seed = settings.seed "
-        "(system-prompt row: the model's chat template around random ids)",
         "machine": {**machine.machine_info(s.device), "torch_threads": threads},
-        "load": load.summary(),
-        "wall_seconds": round(wall, 1),
         "records": records,
     }
-    results["ratios"] = ratios(records)
+
+
+MEMORY_FIELDS = ("persistent_bytes", "step_peak_bytes", "total_peak_bytes")
+
+
+def pool(parts: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One record per task: the timed runs of every process in process order, FLOPs and ops from process 0, memory
+    from the process that measured it."""
+    pooled = []
+    for same in zip(*(part["records"] for part in parts), strict=True):
+        keys = {tuple(r[k] for k in ("kind", "method", "P", "B", "L")) for r in same}
+        if len(keys) != 1:
+            raise RuntimeError(f"measuring processes ran different tasks: {sorted(keys)}")
+        record = {k: v for k, v in same[0].items() if k not in MEMORY_FIELDS}
+        for name in ("times_s", "cpu_times_s", "process"):
+            record[name] = [x for r in same for x in r[name]]
+        record.update({k: r[k] for r in same for k in MEMORY_FIELDS if k in r})
+        pooled.append(record)
+    return pooled
+
+
+def run(s: Settings) -> dict[str, Any]:
+    """Run the whole benchmark in `s.jobs` measuring processes and return the results dictionary (`main` writes it
+    to disk)."""
+    with machine.LoadMonitor() as load:
+        started = time.time()
+        if s.jobs <= 1:
+            parts = [measure_process(s, 0)]
+        else:
+            arguments = [(s, i) for i in range(s.jobs)]
+            parts = workers.map_jobs(measure_process, arguments, s.jobs, s.threads or 1, quiet=cli.quiet_libraries)
+        wall = time.time() - started
+    first = parts[0]
+    results = {
+        "benchmark": "bench_speed",
+        "model": first["model"],
+        "model_parameters": first["model_parameters"],
+        "settings": asdict(s),
+        "lora_targets": first["lora_targets"],
+        "inputs": "uniform random token ids above the special ids, no padding, seed = settings.seed "
+        "(system-prompt row: the model's chat template around random ids)",
+        "machine": first["machine"],
+        "load": load.summary(),
+        "wall_seconds": round(wall, 1),
+        "records": pool(parts),
+    }
+    results["ratios"] = ratios(results["records"])
     results["targets"] = check_targets(results["ratios"], judged_clock(s.device))
     results["headline"] = headline(results["ratios"])
     return results
