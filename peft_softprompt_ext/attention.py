@@ -20,8 +20,9 @@ as its mask. On CPU a decoding step (one query row) that SDPA would run in bf16/
 kernel is several times slower on one reduced-precision row (`_cpu_sdpa`).
 
 `switched(base)` turns it on around one call of a model whose configs all say "sdpa"; the capability probe
-(`architecture.py`) decides per model whether it may, by comparing logits with and without it. Gradient
-checkpointing keeps it off (`tuner/strategies.py`): a checkpointed layer reruns in backward, outside that call.
+(`architecture.py`) decides per model whether it may, by comparing logits with and without it. Under gradient
+checkpointing a layer reruns in the backward, outside that call: non-reentrant checkpointing switches the rerun too
+(`cache.recompute_within`); reentrant checkpointing keeps it off (`tuner/strategies.py`).
 """
 
 from __future__ import annotations

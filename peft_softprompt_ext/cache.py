@@ -86,6 +86,32 @@ def gradient_checkpointing_active(model: nn.Module) -> bool:
     return bool(getattr(model, "is_gradient_checkpointing", False))
 
 
+@contextlib.contextmanager
+def recompute_within(model: nn.Module, make_context: Callable[[], contextlib.AbstractContextManager]) -> Iterator[bool]:
+    """Checkpointed layers called in the block recompute inside `make_context()` (in the backward, after the block
+    has exited): a forward that switches what a layer runs (the prefix-aware attention) then has a recompute that
+    runs the same code and saves the same tensors. Through non-reentrant checkpointing's `context_fn`; yields False
+    (and changes nothing) where a layer's checkpoint function is reentrant, unreadable or has its own
+    `context_fn`."""
+    layers = _checkpointed_layers(model)
+    funcs = [layer.__dict__.get("_gradient_checkpointing_func") for layer in layers]
+    keywords = [getattr(func, "keywords", None) for func in funcs]
+    ok = all(k is not None and k.get("use_reentrant", True) is False and "context_fn" not in k for k in keywords)
+    if ok:
+
+        def contexts() -> tuple[contextlib.AbstractContextManager, contextlib.AbstractContextManager]:
+            return contextlib.nullcontext(), make_context()
+
+        for layer, func in zip(layers, funcs, strict=True):
+            layer._gradient_checkpointing_func = functools.partial(func, context_fn=contexts)
+    try:
+        yield ok
+    finally:
+        if ok:
+            for layer, func in zip(layers, funcs, strict=True):
+                layer._gradient_checkpointing_func = func
+
+
 def checkpointing_is_reentrant(model: nn.Module) -> bool:
     """Reentrant checkpointing hands gradients only to tensor arguments, never to a cache's tensors; True also when
     the checkpoint function can't be read (so a caller falls back to what is always correct)."""

@@ -9,6 +9,7 @@ import torch
 from peft import get_peft_model
 from torch.nn import functional as F
 from torch.overrides import TorchFunctionMode
+from transformers.modeling_layers import GradientCheckpointingLayer
 
 from peft_softprompt_ext import ExecutionPath, SoftPromptConfig, attention
 from peft_softprompt_ext.constants import PREFIX_ATTENTION_NAME, SDPA_NAME
@@ -102,6 +103,33 @@ def test_results_equal_concatenation_in_training_and_generation():
         torch.testing.assert_close(
             shared.eval().generate(input_ids=padded, **generate), concat.eval().generate(input_ids=padded, **generate)
         )
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_checkpointed_layers_recompute_on_the_prefix_attention(reentrant):
+    """Non-reentrant checkpointing: each layer's recompute in the backward, after the call has switched back, runs
+    the prefix attention as its forward did (the same tensors saved, checked by torch's determinism check), with the
+    same gradients. Reentrant checkpointing has no `context_fn`: the call stays on transformers' SDPA. Either way
+    nothing stays switched."""
+    model = make().train()
+    base = model.get_base_model()
+    base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    layers = [m for m in base.modules() if isinstance(m, GradientCheckpointingLayer)]
+    funcs = [layer._gradient_checkpointing_func for layer in layers]
+    seen = _layer_masks(model)
+    ids = tiny.random_ids(2, 6)
+    with torch.no_grad():
+        model(input_ids=ids)  # the first forward runs the capability probe
+    seen.clear()
+    model(input_ids=ids, labels=ids).loss.backward()
+    calls = [(mask is attention.LOWER_RIGHT, name) for mask, name in seen if mask is not None]
+    if reentrant:  # concatenation (a cache's tensors get no gradient there): no call on the prefix attention
+        assert model.execution_path is ExecutionPath.CONCAT
+        assert [name for _, name in seen] == [SDPA_NAME] * 2
+    else:
+        assert calls == [(True, PREFIX_ATTENTION_NAME)] * 2  # the layer's forward, then its recompute
+    assert base.config._attn_implementation == SDPA_NAME
+    assert [layer._gradient_checkpointing_func for layer in layers] == funcs
 
 
 def test_other_implementations_are_left_alone():

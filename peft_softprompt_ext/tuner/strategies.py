@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import enum
 import logging
+from collections.abc import Iterator
 from typing import Any, Protocol
 
 import torch
@@ -104,13 +105,18 @@ def new_positions(model: nn.Module, kwargs: dict[str, Any], length: int) -> int:
     return 0
 
 
-def _attention(model: PromptedModel) -> contextlib.AbstractContextManager:
-    """The base model on `attention.py`'s prefix-aware SDPA for one call, where the probe allowed it. Not under
-    gradient checkpointing: the layers' recompute runs in backward, after the call, on transformers' SDPA, and must
-    save the tensors the forward saved."""
+@contextlib.contextmanager
+def _attention(model: PromptedModel) -> Iterator[None]:
+    """The base model on `attention.py`'s prefix-aware SDPA for one call, where the probe allowed it. Under gradient
+    checkpointing the layers' recompute runs in the backward, after the call, so it is switched there too
+    (`kv.recompute_within`); where it can't be (reentrant checkpointing), the call stays on transformers' SDPA."""
     base = model.base_model
-    on = model.capabilities.prefix_attention and not kv.gradient_checkpointing_active(base)
-    return attention.switched(base, on)
+    if not model.capabilities.prefix_attention or not kv.gradient_checkpointing_active(base):
+        with attention.switched(base, model.capabilities.prefix_attention):
+            yield
+        return
+    with kv.recompute_within(base, lambda: attention.switched(base)) as ok, attention.switched(base, ok):
+        yield
 
 
 class PrefixKV:
