@@ -249,12 +249,13 @@ README_NOTES = """Speed and memory of soft prompts against the bare model, LoRA 
 (`benchmarks/bench_speed.py`; the method and the profiles behind the numbers: next section). Every number is a ratio
 of two things timed in the same interleaved rounds of one run (the order rotates each round), given as median
 (min–max) of the per-round ratios by process CPU time (judged on CPU) and by wall clock, beside its FLOP ratio; ⚠
-flags a ratio whose rounds spread over more than 10 % of its median. Torch runs on one thread on CPU.
+flags a ratio whose rounds spread over more than 10 % of its median. Torch runs on one thread on CPU, in one
+measuring process per core (`--jobs`), whose rounds are pooled; each process's median is given too.
 
     python benchmarks/bench_speed.py                     # full grid: P 20, 100; B 1, 8; L 64, 256 (writes this section)
-    python benchmarks/bench_speed.py --quick --name speed_quick_a && \\
-    python benchmarks/bench_speed.py --quick --name speed_quick_b && \\
-    python benchmarks/bench_speed.py --compare benchmarks/results/speed_quick_a.json benchmarks/results/speed_quick_b.json
+    python benchmarks/bench_speed.py --quick --name speed_quick_g && \\
+    python benchmarks/bench_speed.py --quick --name speed_quick_h && \\
+    python benchmarks/bench_speed.py --compare benchmarks/results/speed_quick_g.json benchmarks/results/speed_quick_h.json
     bash benchmarks/gpu.sh                               # when a GPU is lent: results/gpu/, "bench_speed on GPU" below"""
 
 
