@@ -51,6 +51,7 @@ def profile(spec: str, s: Settings, repeats: int = 5, top: int = 15) -> str:
     kind, methods, p, b, length = spec.split(":")
     p, b, length, names = int(p), int(b), int(length), methods.split(",")
     s.prompt_lengths, s.methods, s.mixed_adapters, s.system_tokens = [p], names, 0, 0
+    machine.steady_allocator()  # as in the timed runs: no step faults its activations' pages in afresh
     threads = machine.set_threads(s.threads)
     zoo = build_zoo(models.load_causal_lm(s.model, s.dtype, s.device), s)
     for net in (*zoo.wrappers(), zoo.base):
