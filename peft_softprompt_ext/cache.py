@@ -94,9 +94,8 @@ def recompute_within(model: nn.Module, make_context: Callable[[], contextlib.Abs
     (and changes nothing) where a layer's checkpoint function is reentrant, unreadable or has its own
     `context_fn`."""
     layers = _checkpointed_layers(model)
-    funcs = [layer.__dict__.get("_gradient_checkpointing_func") for layer in layers]
-    keywords = [getattr(func, "keywords", None) for func in funcs]
-    ok = all(k is not None and k.get("use_reentrant", True) is False and "context_fn" not in k for k in keywords)
+    funcs = [getattr(layer, "_gradient_checkpointing_func", None) for layer in layers]
+    ok = not checkpointing_is_reentrant(model) and all("context_fn" not in func.keywords for func in funcs)
     if ok:
 
         def contexts() -> tuple[contextlib.AbstractContextManager, contextlib.AbstractContextManager]:

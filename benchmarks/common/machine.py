@@ -31,8 +31,8 @@ API:
 - `steady_allocator()`: on glibc, keep freed memory in the process (``mallopt``: no mmap, no trim), so a training
   step reuses its pages instead of faulting ~100,000 fresh ones in (SmolLM2-135M, B=8, L=64, fp32: 98,000-111,000
   minor faults per LoRA step, varying step to step and with the allocator's history; 0 in steady state with it,
-  except when fragmentation grows the heap once more). Returns what it
-  set ({} where it is not glibc); `machine_info` reports it as ``allocator``.
+  except when fragmentation grows the heap once more). Returns what it set ({} where it is not glibc);
+  `machine_info` reports it as ``allocator``.
 """
 
 from __future__ import annotations

@@ -364,11 +364,8 @@ def run(s: Settings) -> dict[str, Any]:
     to disk)."""
     with machine.LoadMonitor() as load:
         started = time.time()
-        if s.jobs <= 1:
-            parts = [measure_process(s, 0)]
-        else:
-            arguments = [(s, i) for i in range(s.jobs)]
-            parts = workers.map_jobs(measure_process, arguments, s.jobs, s.threads or 1, quiet=cli.quiet_libraries)
+        arguments = [(s, i) for i in range(s.jobs)]  # map_jobs runs a single job in this process
+        parts = workers.map_jobs(measure_process, arguments, s.jobs, s.threads or 1, quiet=cli.quiet_libraries)
         wall = time.time() - started
     first = parts[0]
     results = {
